@@ -1,0 +1,234 @@
+//! create, start, run, state, kill, delete, pause, resume.
+
+use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::container::{Container, ContainerStatus};
+use libcontainer::signal::Signal;
+use libcontainer::syscall::syscall::SyscallType;
+use nix::sys::signal::{self, SigSet};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use super::{absolute, observe, Ctx};
+use crate::bundle::{self, ProcessLimits};
+use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
+use crate::state::ContainerState;
+use crate::tty::ConsoleSocket;
+use crate::Error;
+
+/// Builds the container (init waiting on start) per the bundle.
+fn build(
+    ctx: &Ctx,
+    a: &CreateArgs,
+    console_socket: Option<&std::path::Path>,
+) -> Result<Container, Error> {
+    let bundle = absolute(&a.bundle)?;
+    bundle::validate(&bundle, &ProcessLimits)?;
+    ctx.ensure_root()?;
+    if ctx.container_dir(&a.id).exists() {
+        return Err(Error::Exists { id: a.id.clone() });
+    }
+    let console_socket = console_socket.or(a.console_socket.as_deref());
+    ContainerBuilder::new(a.id.clone(), SyscallType::default())
+        .with_root_path(&ctx.root)
+        .and_then(|b| b.with_pid_file(a.pid_file.as_ref()))
+        .map(|b| {
+            b.with_console_socket(console_socket)
+                .with_preserved_fds(a.preserve_fds)
+        })
+        .and_then(|b| b.validate_id())
+        .and_then(|b| {
+            b.as_init(&bundle)
+                .with_systemd(ctx.systemd_cgroup)
+                // libcontainer only uses `detach` to demand a console socket
+                // for terminals; foreground runs hand it our own socket.
+                .with_detach(true)
+                .with_no_pivot(a.no_pivot)
+                .build()
+        })
+        .map_err(|e| Error::lib("creating", &a.id, e))
+}
+
+pub fn create(ctx: &Ctx, a: &CreateArgs) -> Result<i32, Error> {
+    build(ctx, a, None)?;
+    Ok(0)
+}
+
+pub fn start(ctx: &Ctx, id: &str) -> Result<i32, Error> {
+    let mut c = ctx.load(id)?;
+    if c.status() != ContainerStatus::Created {
+        return Err(match c.status() {
+            ContainerStatus::Stopped => Error::Invalid("cannot start a container that has stopped".into()),
+            s => Error::Invalid(format!("cannot start an already running container (status {s})")),
+        });
+    }
+    c.start().map_err(|e| Error::lib("starting", id, e))?;
+    Ok(0)
+}
+
+pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
+    let terminal = !a.detach
+        && a.create.console_socket.is_none()
+        && spec_wants_terminal(&a.create.bundle);
+    // Foreground: reparented container processes must come back to us so we
+    // can reap init and report its status, as runc's subreaper does.
+    if !a.detach && !a.no_subreaper {
+        set_subreaper()?;
+    }
+    let tmp = if terminal {
+        Some(private_dir()?)
+    } else {
+        None
+    };
+    let console = match &tmp {
+        Some(dir) => Some(ConsoleSocket::bind(dir.path())?),
+        None => None,
+    };
+    // Block signals before init exists so none is lost before we forward them.
+    let signals = SigSet::all();
+    if !a.detach {
+        signals
+            .thread_block()
+            .map_err(|source| Error::Sys { what: "blocking signals", source })?;
+    }
+    let mut c = build(ctx, &a.create, console.as_ref().map(ConsoleSocket::path))?;
+    let master = match &console {
+        Some(cs) => Some(cs.receive_master()?),
+        None => None,
+    };
+    if let Err(e) = c.start() {
+        let _ = c.delete(true);
+        return Err(Error::lib("starting", &a.create.id, e));
+    }
+    if a.detach {
+        return Ok(0);
+    }
+    let Some(pid) = c.pid() else {
+        return Err(Error::Invalid(format!("container {} has no init pid", a.create.id)));
+    };
+    let relay = master.map(|m| std::thread::spawn(move || crate::tty::relay(m)));
+    let status = forward_until_exit(pid, &signals)?;
+    if let Some(r) = relay {
+        let _ = r.join();
+    }
+    if !a.keep {
+        c.delete(true)
+            .map_err(|e| Error::lib("deleting", &a.create.id, e))?;
+    }
+    Ok(status)
+}
+
+fn spec_wants_terminal(bundle: &std::path::Path) -> bool {
+    std::fs::read_to_string(bundle.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["process"]["terminal"].as_bool())
+        .unwrap_or(false)
+}
+
+pub(super) fn private_dir() -> Result<tempfile::TempDir, Error> {
+    tempfile::Builder::new()
+        .prefix("bosun-runc-")
+        .tempdir()
+        .map_err(|e| Error::io("creating temp dir in", std::env::temp_dir(), e))
+}
+
+pub(super) fn set_subreaper() -> Result<(), Error> {
+    nix::sys::prctl::set_child_subreaper(true)
+        .map_err(|source| Error::Sys { what: "becoming child subreaper", source })
+}
+
+/// Forwards signals to `pid` and reaps children until it exits; returns its
+/// exit status, 128+signal when killed, as a shell reports it.
+pub(super) fn forward_until_exit(pid: Pid, signals: &SigSet) -> Result<i32, Error> {
+    loop {
+        // A child may have exited before we started waiting: reap first.
+        loop {
+            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(p, code)) if p == pid => return Ok(code),
+                Ok(WaitStatus::Signaled(p, sig, _)) if p == pid => return Ok(128 + sig as i32),
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) => continue,
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(source) => return Err(Error::Sys { what: "waiting for container", source }),
+            }
+        }
+        match signals.wait() {
+            Ok(signal::SIGCHLD) | Ok(signal::SIGURG) => {}
+            Ok(signal::SIGWINCH) => {}
+            Ok(sig) => {
+                let _ = signal::kill(pid, sig);
+            }
+            Err(source) => return Err(Error::Sys { what: "waiting for signals", source }),
+        }
+    }
+}
+
+pub fn state(ctx: &Ctx, id: &str) -> Result<i32, Error> {
+    let c = ctx.load(id)?;
+    let s = ContainerState::from_observed(&observe(&c));
+    let json = serde_json::to_string_pretty(&s)
+        .map_err(|e| Error::Invalid(format!("encoding state of {id}: {e}")))?;
+    println!("{json}");
+    Ok(0)
+}
+
+pub fn kill(ctx: &Ctx, a: &KillArgs) -> Result<i32, Error> {
+    let signal = Signal::try_from(a.signal.as_str())
+        .map_err(|_| Error::Invalid(format!("invalid signal {:?}", a.signal)))?;
+    let mut c = ctx.load(&a.id)?;
+    if c.status() == ContainerStatus::Stopped {
+        return Err(Error::NotRunning { id: a.id.clone() });
+    }
+    match c.kill(signal, a.all) {
+        Ok(()) => Ok(0),
+        Err(_) if c.status() == ContainerStatus::Stopped => {
+            Err(Error::NotRunning { id: a.id.clone() })
+        }
+        Err(e) => Err(Error::lib("killing", &a.id, e)),
+    }
+}
+
+pub fn delete(ctx: &Ctx, a: &DeleteArgs) -> Result<i32, Error> {
+    let mut c = match ctx.load(&a.id) {
+        Ok(c) => c,
+        // runc: `delete --force` of a container that is gone is not an error.
+        Err(Error::NotFound { .. }) if a.force => {
+            let _ = std::fs::remove_dir_all(ctx.container_dir(&a.id));
+            return Ok(0);
+        }
+        Err(e) => return Err(e),
+    };
+    match c.status() {
+        ContainerStatus::Running | ContainerStatus::Paused | ContainerStatus::Creating
+            if !a.force =>
+        {
+            Err(Error::NotStopped {
+                id: a.id.clone(),
+                status: c.status().to_string(),
+            })
+        }
+        _ => {
+            c.delete(a.force)
+                .map_err(|e| Error::lib("deleting", &a.id, e))?;
+            Ok(0)
+        }
+    }
+}
+
+pub fn pause(ctx: &Ctx, id: &str) -> Result<i32, Error> {
+    let mut c = ctx.load(id)?;
+    if !c.can_pause() {
+        return Err(Error::NotRunning { id: id.to_string() });
+    }
+    c.pause().map_err(|e| Error::lib("pausing", id, e))?;
+    Ok(0)
+}
+
+pub fn resume(ctx: &Ctx, id: &str) -> Result<i32, Error> {
+    let mut c = ctx.load(id)?;
+    if !c.can_resume() {
+        return Err(Error::Invalid("container not paused".into()));
+    }
+    c.resume().map_err(|e| Error::lib("resuming", id, e))?;
+    Ok(0)
+}

@@ -1,0 +1,118 @@
+//! Errors of the runtime. Messages follow runc's where tools match on them
+//! ("container does not exist", "container not running", ...) and otherwise name
+//! the container, path or value that failed.
+
+use std::path::PathBuf;
+
+use libcontainer::error::LibcontainerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("container does not exist")]
+    NotFound { id: String },
+    #[error("container with given ID already exists")]
+    Exists { id: String },
+    #[error("container not running")]
+    NotRunning { id: String },
+    #[error("cannot delete container {id} that is not stopped: {status}")]
+    NotStopped { id: String, status: String },
+    #[error("container {id} is {status}, cannot {op}")]
+    WrongStatus {
+        id: String,
+        status: String,
+        op: &'static str,
+    },
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
+    #[error(transparent)]
+    Resources(#[from] crate::resources::ResourcesError),
+    #[error(transparent)]
+    Tty(#[from] crate::tty::TtyError),
+    #[error("{op} container {id}: {}", chain(source))]
+    Libcontainer {
+        op: &'static str,
+        id: String,
+        source: LibcontainerError,
+    },
+    #[error("{op} container {id}: {}", chain(source))]
+    Cgroup {
+        op: &'static str,
+        id: String,
+        source: libcgroups::common::AnyManagerError,
+    },
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{what}: {source}")]
+    Sys {
+        what: &'static str,
+        source: nix::Error,
+    },
+}
+
+impl Error {
+    pub fn lib(op: &'static str, id: &str, source: LibcontainerError) -> Self {
+        Error::Libcontainer {
+            op,
+            id: id.to_string(),
+            source,
+        }
+    }
+
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+/// Joins an error and its sources into one line, as Go's wrapped errors read,
+/// skipping links that only repeat the next one.
+pub fn chain(err: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![err.to_string()];
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if parts.last().is_none_or(|last| !last.contains(&s)) {
+            parts.push(s);
+        }
+        cur = e.source();
+    }
+    parts.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("outer")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn chain_joins_sources() {
+        let e = Outer(std::io::Error::other("inner"));
+        assert_eq!(chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn runc_messages_kept() {
+        let e = Error::NotFound { id: "x".into() };
+        assert_eq!(e.to_string(), "container does not exist");
+        let e = Error::NotStopped {
+            id: "x".into(),
+            status: "running".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "cannot delete container x that is not stopped: running"
+        );
+    }
+}
