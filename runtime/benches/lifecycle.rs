@@ -40,7 +40,8 @@
 //! Environment: `BENCH_ITERS` (30), `BENCH_WARMUP` (3), `BOSUN_RUNC` (path of
 //! bosun-runc; default: the binary cargo built beside this bench),
 //! `BENCH_RUNTIMES` (comma list, default `bosun-runc,runc,crun`),
-//! `BENCH_BUSYBOX` (static busybox, default `/bin/busybox`).
+//! `BENCH_BUSYBOX` (static busybox, default `/bin/busybox`). The bundle is
+//! the test suite's (`bosun_testsupport::bundle::spec`, runc spec defaults).
 //!
 //! Needs root; without it the bench prints why and exits 0. It never fails:
 //! a runtime that is missing or fails is reported and left out.
@@ -49,7 +50,6 @@ use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::symlink;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -58,6 +58,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use bosun_testsupport::{bundle, rootfs};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
@@ -636,69 +637,16 @@ fn hybrid_free_mntns() -> Result<OwnedFd> {
     .map_err(|_| anyhow!("mount namespace thread panicked"))?
 }
 
-/// Writes a `runc spec`-like bundle (not a terminal, `/bin/true`) with a
-/// busybox rootfs.
+/// Writes the test suite's bundle (`runc spec` defaults, not a terminal)
+/// running `/bin/true` in a busybox rootfs.
 fn write_bundle(dir: &Path) -> Result<()> {
     let busybox = std::env::var_os("BENCH_BUSYBOX")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/bin/busybox"));
-    let bin = dir.join("rootfs/bin");
-    fs::create_dir_all(&bin).with_context(|| format!("create {bin:?}"))?;
-    fs::copy(&busybox, bin.join("busybox"))
-        .with_context(|| format!("copy {} (install busybox-static)", busybox.display()))?;
-    for tool in ["true", "sh"] {
-        symlink("busybox", bin.join(tool))?;
-    }
-    let caps = serde_json::json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
-    let config = serde_json::json!({
-        "ociVersion": "1.0.2",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 0, "gid": 0},
-            "args": ["/bin/true"],
-            "env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-            "cwd": "/",
-            "capabilities": {
-                "bounding": caps, "effective": caps, "permitted": caps, "ambient": caps
-            },
-            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
-            "noNewPrivileges": true
-        },
-        "root": {"path": "rootfs", "readonly": true},
-        "hostname": "bench",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
-             "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
-             "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620", "gid=5"]},
-            {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
-             "options": ["nosuid", "noexec", "nodev", "mode=1777", "size=65536k"]},
-            {"destination": "/dev/mqueue", "type": "mqueue", "source": "mqueue",
-             "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/sys", "type": "sysfs", "source": "sysfs",
-             "options": ["nosuid", "noexec", "nodev", "ro"]},
-            {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup",
-             "options": ["nosuid", "noexec", "nodev", "relatime", "ro"]}
-        ],
-        "linux": {
-            "resources": {"devices": [{"allow": false, "access": "rwm"}]},
-            "namespaces": [
-                {"type": "pid"}, {"type": "network"}, {"type": "ipc"},
-                {"type": "uts"}, {"type": "mount"}
-            ],
-            "maskedPaths": [
-                "/proc/acpi", "/proc/asound", "/proc/kcore", "/proc/keys",
-                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats",
-                "/proc/sched_debug", "/sys/firmware", "/proc/scsi"
-            ],
-            "readonlyPaths": [
-                "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"
-            ]
-        }
-    });
-    let text = serde_json::to_string_pretty(&config)?;
-    fs::write(dir.join("config.json"), text).context("write config.json")?;
+        .unwrap_or_else(|| PathBuf::from(rootfs::BUSYBOX));
+    rootfs::busybox_from(&busybox, &dir.join("rootfs"))
+        .with_context(|| format!("busybox rootfs from {}", busybox.display()))?;
+    let config = serde_json::to_vec_pretty(&bundle::spec(&["/bin/true"]))?;
+    fs::write(dir.join("config.json"), config).context("write config.json")?;
     Ok(())
 }
 

@@ -28,7 +28,7 @@ pub enum Error {
     Resources(#[from] crate::resources::ResourcesError),
     #[error(transparent)]
     Tty(#[from] crate::tty::TtyError),
-    #[error("{op} container {id}: {}", chain(source))]
+    #[error("{op} container {id}: {}", runc_wording(&chain(source)))]
     Libcontainer {
         op: &'static str,
         id: String,
@@ -88,6 +88,22 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
+/// Rewords libcontainer's "executable not found" the way runc says it:
+/// podman maps that wording (and "no such file or directory") to exit code 127.
+pub fn runc_wording(msg: &str) -> String {
+    if let Some(start) = msg.find("executable '") {
+        let rest = &msg[start + "executable '".len()..];
+        if let Some(end) = rest.find("' not found") {
+            let name = &rest[..end];
+            return format!(
+                "{}exec: \"{name}\": executable file not found in $PATH",
+                &msg[..start]
+            );
+        }
+    }
+    msg.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +116,15 @@ mod tests {
     fn chain_joins_sources() {
         let e = Outer(std::io::Error::other("inner"));
         assert_eq!(chain(&e), "outer: inner");
+    }
+
+    #[test]
+    fn not_found_worded_as_runc() {
+        assert_eq!(
+            runc_wording("failed: executable '/x' not found in $PATH"),
+            "failed: exec: \"/x\": executable file not found in $PATH"
+        );
+        assert_eq!(runc_wording("other"), "other");
     }
 
     #[test]

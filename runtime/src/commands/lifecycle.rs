@@ -8,7 +8,7 @@ use nix::sys::signal::{self, SigSet};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::{absolute, observe, Ctx};
+use super::{absolute, observe, status_name, Ctx};
 use crate::bundle::{self, ProcessLimits};
 use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
 use crate::state::ContainerState;
@@ -58,7 +58,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32, Error> {
     if c.status() != ContainerStatus::Created {
         return Err(match c.status() {
             ContainerStatus::Stopped => Error::Invalid("cannot start a container that has stopped".into()),
-            s => Error::Invalid(format!("cannot start an already running container (status {s})")),
+            s => Error::Invalid(format!("cannot start an already running container (status {})", status_name(s))),
         });
     }
     c.start().map_err(|e| Error::lib("starting", id, e))?;
@@ -204,7 +204,7 @@ pub fn delete(ctx: &Ctx, a: &DeleteArgs) -> Result<i32, Error> {
         {
             Err(Error::NotStopped {
                 id: a.id.clone(),
-                status: c.status().to_string(),
+                status: status_name(c.status()),
             })
         }
         _ => {

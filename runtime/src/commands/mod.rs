@@ -73,13 +73,22 @@ fn observe(c: &Container) -> Observed {
     Observed {
         id: c.id().to_string(),
         pid: c.pid().map(|p| p.as_raw()),
-        status: c.status().to_string(),
+        status: status_name(c.status()),
         rootfs: rootfs_path(&bundle, &root),
         bundle,
         created: c.created(),
         annotations: c.state.annotations.clone(),
         owner: String::new(),
     }
+}
+
+/// runc's lowercase status words ("created", "running", ...); libcontainer's
+/// Display capitalises them, its serde names do not.
+fn status_name(s: libcontainer::container::ContainerStatus) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_else(|| s.to_string().to_lowercase())
 }
 
 fn user_name(uid: u32) -> String {

@@ -70,12 +70,14 @@ pub fn unique_id(what: &str) -> String {
     format!("bosun-{what}-{}-{n}{t:06}", std::process::id())
 }
 
-/// The private directory of one test, created under the system temp dir.
+/// The private directory of one test, `$TMPDIR/<id>`. Named by the unique
+/// id alone, lowercase: podman derives image names from `oci:` paths.
 pub fn test_dir(id: &str) -> Result<tempfile::TempDir> {
     tempfile::Builder::new()
-        .prefix(&format!("{id}-"))
+        .prefix(id)
+        .rand_bytes(0)
         .tempdir()
-        .context("create test directory")
+        .with_context(|| format!("create test directory {id}"))
 }
 
 /// What a finished client command printed and returned.
@@ -322,7 +324,7 @@ pub fn unmount_under(dir: &Path) {
 }
 
 /// Prints what a failed scenario needs for diagnosis, then panics with the
-/// error chain. Call as `report(result, || diagnostics)`.
+/// error chain.
 pub fn check(result: Result<()>, diagnostics: impl FnOnce() -> String) {
     if let Err(e) = result {
         panic!("{e:?}\n\n===== diagnostics =====\n{}", diagnostics());
@@ -423,9 +425,10 @@ fn cgroup_mounts() -> Vec<PathBuf> {
         .filter_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let sep = fields.iter().position(|f| *f == "-")?;
-            let fstype = fields.get(sep + 1)?;
-            (*fstype == "cgroup" || *fstype == "cgroup2")
-                .then(|| PathBuf::from(unescape_mountinfo(fields.get(4)?)))
+            let fstype = *fields.get(sep + 1)?;
+            let point = fields.get(4)?;
+            (fstype == "cgroup" || fstype == "cgroup2")
+                .then(|| PathBuf::from(unescape_mountinfo(point)))
         })
         .collect()
 }
@@ -450,9 +453,9 @@ fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let escape = bytes.get(i + 1..i + 4).filter(|digits| {
-            bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d))
-        });
+        let escape = bytes
+            .get(i + 1..i + 4)
+            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
         match escape {
             Some(digits) => {
                 let code = digits.iter().fold(0u32, |n, d| n * 8 + u32::from(d - b'0'));
