@@ -332,10 +332,11 @@ fn run() -> Result<()> {
     let total = warmup + iters;
     let n = bench.runtimes.len();
     let pid = std::process::id();
-    for i in 0..total {
+    'iterations: for i in 0..total {
         for k in 0..n {
             if INTERRUPTED.load(Ordering::SeqCst) {
-                bail!("interrupted");
+                eprintln!("lifecycle bench: interrupted; reporting what was measured");
+                break 'iterations;
             }
             let rt = &mut bench.runtimes[(i + k) % n];
             if rt.out.is_some() {
@@ -345,6 +346,7 @@ fn run() -> Result<()> {
             match rt.iteration(&bundle, &id) {
                 Ok(s) if i >= warmup => rt.samples.push(s),
                 Ok(_) => {}
+                Err(_) if INTERRUPTED.load(Ordering::SeqCst) => rt.cleanup(),
                 Err(e) => {
                     let msg = format!("{e:#}");
                     eprintln!("lifecycle bench: {} iteration {i} failed: {msg}", rt.name);

@@ -266,7 +266,10 @@ mod tests {
         assert!(check_oom_score_adj(500, &NOCAP).is_ok());
         assert!(matches!(
             check_oom_score_adj(-998, &NOCAP),
-            Err(BundleError::OomScoreAdj { want: -998, have: 0 })
+            Err(BundleError::OomScoreAdj {
+                want: -998,
+                have: 0
+            })
         ));
         assert!(check_oom_score_adj(-998, &Fake { cap: true, ..NOCAP }).is_ok());
         assert!(check_oom_score_adj(2000, &NOCAP).is_err());
@@ -280,15 +283,24 @@ mod tests {
             validate(&dir.join("nope"), &NOCAP),
             Err(BundleError::NoBundle(_))
         ));
-        assert!(matches!(validate(&dir, &NOCAP), Err(BundleError::NoConfig(_))));
+        assert!(matches!(
+            validate(&dir, &NOCAP),
+            Err(BundleError::NoConfig(_))
+        ));
         let _ = std::fs::write(dir.join("config.json"), "{bad");
-        let e = validate(&dir, &NOCAP).err().map(|e| e.to_string()).unwrap_or_default();
+        let e = validate(&dir, &NOCAP)
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
         assert!(e.contains("invalid OCI runtime config"), "{e}");
         let _ = std::fs::write(
             dir.join("config.json"),
             serde_json::to_string(&crate::spec::default_spec()).unwrap_or_default(),
         );
-        assert!(matches!(validate(&dir, &NOCAP), Err(BundleError::NoRootfs(_))));
+        assert!(matches!(
+            validate(&dir, &NOCAP),
+            Err(BundleError::NoRootfs(_))
+        ));
         let _ = std::fs::create_dir_all(dir.join("rootfs"));
         assert!(validate(&dir, &NOCAP).is_ok());
         let _ = std::fs::remove_dir_all(&dir);

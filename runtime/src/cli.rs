@@ -11,7 +11,11 @@ use crate::resources::UpdateFlags;
 pub const DEFAULT_ROOT: &str = "/run/bosun-runc";
 
 #[derive(Debug, Parser)]
-#[command(name = "bosun-runc", version, about = "bosun-runc: a runc-compatible OCI runtime")]
+#[command(
+    name = "bosun-runc",
+    version,
+    about = "bosun-runc: a runc-compatible OCI runtime"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -39,8 +43,9 @@ pub struct Global {
     /// Enable systemd cgroup support: cgroupsPath is "slice:prefix:name"
     #[arg(long = "systemd-cgroup", global = true)]
     pub systemd_cgroup: bool,
-    /// Ignore cgroup permission errors ('true', 'false', or 'auto')
-    #[arg(long, global = true, default_value = "auto")]
+    /// Ignore cgroup permission errors ('true', 'false', or 'auto'). Not
+    /// global: `spec --rootless` is a different, boolean flag, as in runc.
+    #[arg(long, default_value = "auto", value_parser = ["true", "false", "auto"])]
     pub rootless: String,
 }
 
@@ -245,7 +250,7 @@ pub struct SpecArgs {
     #[arg(short, long, default_value = ".")]
     pub bundle: PathBuf,
     /// Generate a configuration for a rootless container
-    #[arg(long)]
+    #[arg(long = "rootless", id = "spec_rootless")]
     pub rootless: bool,
 }
 
@@ -289,8 +294,18 @@ mod tests {
     #[test]
     fn containerd_create() {
         let c = parse(&[
-            "--root", "/run/containerd/runc/default", "--log", "/x/log.json", "--log-format",
-            "json", "create", "--bundle", "/b", "--pid-file", "/b/init.pid", "--no-new-keyring",
+            "--root",
+            "/run/containerd/runc/default",
+            "--log",
+            "/x/log.json",
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/b/init.pid",
+            "--no-new-keyring",
             "c1",
         ]);
         assert_eq!(c.global.log_format, "json");
@@ -324,6 +339,16 @@ mod tests {
     }
 
     #[test]
+    fn rootless_global_and_spec_flag_coexist() {
+        let c = parse(&["--rootless", "true", "spec", "--rootless"]);
+        assert_eq!(c.global.rootless, "true");
+        assert!(matches!(
+            c.command,
+            Command::Spec(SpecArgs { rootless: true, .. })
+        ));
+    }
+
+    #[test]
     fn kill_defaults_to_term() {
         match parse(&["kill", "--all", "c1"]).command {
             Command::Kill(k) => {
@@ -336,7 +361,10 @@ mod tests {
 
     #[test]
     fn durations() {
-        assert_eq!(parse_duration("5s"), Some(std::time::Duration::from_secs(5)));
+        assert_eq!(
+            parse_duration("5s"),
+            Some(std::time::Duration::from_secs(5))
+        );
         assert_eq!(
             parse_duration("250ms"),
             Some(std::time::Duration::from_millis(250))

@@ -28,17 +28,17 @@ pub enum Error {
     Resources(#[from] crate::resources::ResourcesError),
     #[error(transparent)]
     Tty(#[from] crate::tty::TtyError),
-    #[error("{op} container {id}: {}", runc_wording(&chain(source)))]
+    #[error("{op} container {id}: {}", runc_wording(&chain(source.as_ref())))]
     Libcontainer {
         op: &'static str,
         id: String,
-        source: LibcontainerError,
+        source: Box<LibcontainerError>,
     },
-    #[error("{op} container {id}: {}", chain(source))]
+    #[error("{op} container {id}: {}", chain(source.as_ref()))]
     Cgroup {
         op: &'static str,
         id: String,
-        source: libcgroups::common::AnyManagerError,
+        source: Box<libcgroups::common::AnyManagerError>,
     },
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -60,7 +60,15 @@ impl Error {
         Error::Libcontainer {
             op,
             id: id.to_string(),
-            source,
+            source: Box::new(source),
+        }
+    }
+
+    pub fn cgroup(op: &'static str, id: &str, source: libcgroups::common::AnyManagerError) -> Self {
+        Error::Cgroup {
+            op,
+            id: id.to_string(),
+            source: Box::new(source),
         }
     }
 

@@ -90,19 +90,15 @@ impl<S: Subscriber> Layer<S> for LogrusLayer {
 /// Returns whether errors already reach stderr through it.
 pub fn init(log: Option<&Path>, format: Format, debug: bool) -> bool {
     let max = if debug { Level::DEBUG } else { Level::WARN };
-    let (out, to_stderr): (Box<dyn Write + Send>, bool) = match log.map(|p| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(p)
-    }) {
-        Some(Ok(f)) => (Box::new(f), false),
-        Some(Err(e)) => {
-            eprintln!("bosun-runc: cannot open log file: {e}; logging to stderr");
-            (Box::new(std::io::stderr()), true)
-        }
-        None => (Box::new(std::io::stderr()), true),
-    };
+    let (out, to_stderr): (Box<dyn Write + Send>, bool) =
+        match log.map(|p| OpenOptions::new().create(true).append(true).open(p)) {
+            Some(Ok(f)) => (Box::new(f), false),
+            Some(Err(e)) => {
+                eprintln!("bosun-runc: cannot open log file: {e}; logging to stderr");
+                (Box::new(std::io::stderr()), true)
+            }
+            None => (Box::new(std::io::stderr()), true),
+        };
     let layer = LogrusLayer {
         format,
         max,

@@ -93,7 +93,13 @@ impl UpdateFlags {
             size("kernel-memory", &self.kernel_memory)?,
             size("kernel-memory-tcp", &self.kernel_memory_tcp)?,
         );
-        if limit.or(reservation).or(swap).or(kernel).or(kernel_tcp).is_some() {
+        if limit
+            .or(reservation)
+            .or(swap)
+            .or(kernel)
+            .or(kernel_tcp)
+            .is_some()
+        {
             mem.set_limit(limit);
             mem.set_reservation(reservation);
             mem.set_swap(swap);
@@ -206,7 +212,10 @@ mod tests {
 
     #[test]
     fn resources_file() {
-        let r = parse_resources("r.json", r#"{"memory":{"limit":1048576},"pids":{"limit":5}}"#);
+        let r = parse_resources(
+            "r.json",
+            r#"{"memory":{"limit":1048576},"pids":{"limit":5}}"#,
+        );
         let r = r.unwrap_or_default();
         assert_eq!(r.memory().and_then(|m| m.limit()), Some(1048576));
         assert!(parse_resources("r.json", "{").is_err());

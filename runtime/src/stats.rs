@@ -85,13 +85,19 @@ pub struct Pids {
 
 #[derive(Debug, Serialize)]
 pub struct Blkio {
-    #[serde(rename = "ioServiceBytesRecursive", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "ioServiceBytesRecursive",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_bytes: Vec<BlkioEntry>,
     #[serde(rename = "ioServicedRecursive", skip_serializing_if = "Vec::is_empty")]
     pub serviced: Vec<BlkioEntry>,
     #[serde(rename = "ioQueueRecursive", skip_serializing_if = "Vec::is_empty")]
     pub queued: Vec<BlkioEntry>,
-    #[serde(rename = "ioServiceTimeRecursive", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        rename = "ioServiceTimeRecursive",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub service_time: Vec<BlkioEntry>,
     #[serde(rename = "ioWaitTimeRecursive", skip_serializing_if = "Vec::is_empty")]
     pub wait_time: Vec<BlkioEntry>,
@@ -170,7 +176,12 @@ impl Data {
                 swap: mem(&s.memory.memswap),
                 kernel: mem(&s.memory.kernel),
                 kernel_tcp: mem(&s.memory.kernel_tcp),
-                raw: s.memory.stats.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+                raw: s
+                    .memory
+                    .stats
+                    .iter()
+                    .map(|(k, v)| (k.clone(), *v))
+                    .collect(),
             },
             pids: Pids {
                 current: s.pids.current,

@@ -60,9 +60,7 @@ impl ConsoleSocket {
             MsgFlags::empty(),
         )
         .map_err(|e| TtyError::Receive(e.to_string()))?;
-        let cmsgs = msg
-            .cmsgs()
-            .map_err(|e| TtyError::Receive(e.to_string()))?;
+        let cmsgs = msg.cmsgs().map_err(|e| TtyError::Receive(e.to_string()))?;
         for c in cmsgs {
             if let ControlMessageOwned::ScmRights(fds) = c {
                 if let Some(&fd) = fds.first() {

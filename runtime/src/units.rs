@@ -24,7 +24,7 @@ pub fn parse_ram(s: &str) -> Result<i64, SizeError> {
         _ => return Err(err()),
     };
     let value: f64 = num.trim().parse().map_err(|_| err())?;
-    if !(value >= 0.0) {
+    if value.is_nan() || value < 0.0 {
         return Err(err());
     }
     let bytes = value * mult as f64;

@@ -58,7 +58,10 @@ fn tty_process(spec_process: &Value, a: &ExecArgs) -> Result<Value, Error> {
     }
     if !a.cap.is_empty() {
         for set in ["bounding", "effective", "permitted"] {
-            let mut caps: Vec<Value> = p["capabilities"][set].as_array().cloned().unwrap_or_default();
+            let mut caps: Vec<Value> = p["capabilities"][set]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
             for c in &a.cap {
                 if !caps.iter().any(|x| x == c) {
                     caps.push(json!(c));
@@ -77,12 +80,16 @@ pub fn exec(ctx: &Ctx, a: &ExecArgs) -> Result<i32, Error> {
             return Err(Error::Invalid("cannot exec in a stopped container".into()))
         }
         ContainerStatus::Paused if !a.ignore_paused => {
-            return Err(Error::Invalid("cannot exec in a paused container (use --ignore-paused to override)".into()))
+            return Err(Error::Invalid(
+                "cannot exec in a paused container (use --ignore-paused to override)".into(),
+            ))
         }
         _ => {}
     }
     if a.process.is_none() && a.command.is_empty() {
-        return Err(Error::Invalid("exec: no command given (args or --process)".into()));
+        return Err(Error::Invalid(
+            "exec: no command given (args or --process)".into(),
+        ));
     }
     let tmp = private_dir()?;
     let mut process = a.process.clone();
@@ -109,9 +116,10 @@ pub fn exec(ctx: &Ctx, a: &ExecArgs) -> Result<i32, Error> {
     let signals = SigSet::all();
     if !a.detach {
         set_subreaper()?;
-        signals
-            .thread_block()
-            .map_err(|source| Error::Sys { what: "blocking signals", source })?;
+        signals.thread_block().map_err(|source| Error::Sys {
+            what: "blocking signals",
+            source,
+        })?;
     }
     let (user, group) = match (&a.user, &process) {
         (Some(u), None) => {
@@ -186,7 +194,16 @@ mod tests {
     #[test]
     fn tty_process_applies_flags() {
         let cli = crate::cli::Cli::try_parse_from([
-            "r", "exec", "-t", "-e", "A=2", "-u", "1000:1000", "--cap", "CAP_NET_ADMIN", "c1",
+            "r",
+            "exec",
+            "-t",
+            "-e",
+            "A=2",
+            "-u",
+            "1000:1000",
+            "--cap",
+            "CAP_NET_ADMIN",
+            "c1",
             "sh",
         ]);
         let Ok(crate::cli::Cli {
@@ -203,6 +220,9 @@ mod tests {
         assert_eq!(p["args"], json!(["sh"]));
         assert_eq!(p["env"], json!(["PATH=/bin", "A=2"]));
         assert_eq!(p["user"]["uid"], 1000);
-        assert_eq!(p["capabilities"]["bounding"], json!(["CAP_KILL", "CAP_NET_ADMIN"]));
+        assert_eq!(
+            p["capabilities"]["bounding"],
+            json!(["CAP_KILL", "CAP_NET_ADMIN"])
+        );
     }
 }

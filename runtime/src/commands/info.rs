@@ -26,13 +26,11 @@ pub fn list(ctx: &Ctx, a: &ListArgs) -> Result<i32, Error> {
                 continue;
             }
             // A container deleted while we list is simply not listed.
-            let Ok(c) = Container::load(dir) else { continue };
+            let Ok(c) = Container::load(dir) else {
+                continue;
+            };
             let mut s = ContainerState::from_observed(&observe(&c));
-            s.owner = c
-                .state
-                .creator
-                .map(user_name)
-                .unwrap_or_default();
+            s.owner = c.state.creator.map(user_name).unwrap_or_default();
             states.push(s);
         }
     }
@@ -56,7 +54,7 @@ pub fn ps(ctx: &Ctx, a: &PsArgs) -> Result<i32, Error> {
     } else {
         ctx.cgroup_manager(&c)?
             .get_all_pids()
-            .map_err(|source| Error::Cgroup { op: "listing pids of", id: a.id.clone(), source })?
+            .map_err(|e| Error::cgroup("listing pids of", &a.id, e))?
             .iter()
             .map(|p| p.as_raw())
             .collect()
@@ -81,7 +79,10 @@ pub fn ps(ctx: &Ctx, a: &PsArgs) -> Result<i32, Error> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    print!("{}", filter_ps(&String::from_utf8_lossy(&out.stdout), &pids)?);
+    print!(
+        "{}",
+        filter_ps(&String::from_utf8_lossy(&out.stdout), &pids)?
+    );
     Ok(0)
 }
 
@@ -95,7 +96,11 @@ pub fn filter_ps(out: &str, pids: &[i32]) -> Result<String, Error> {
         .ok_or_else(|| Error::Invalid("couldn't find PID field in ps output".into()))?;
     let mut s = format!("{header}\n");
     for l in lines {
-        if let Some(pid) = l.split_whitespace().nth(col).and_then(|p| p.parse::<i32>().ok()) {
+        if let Some(pid) = l
+            .split_whitespace()
+            .nth(col)
+            .and_then(|p| p.parse::<i32>().ok())
+        {
             if pids.contains(&pid) {
                 s.push_str(l);
                 s.push('\n');
@@ -116,7 +121,7 @@ pub fn events(ctx: &Ctx, a: &EventsArgs) -> Result<i32, Error> {
     loop {
         let stats = cg
             .stats()
-            .map_err(|source| Error::Cgroup { op: "reading stats of", id: a.id.clone(), source })?;
+            .map_err(|e| Error::cgroup("reading stats of", &a.id, e))?;
         let ev = Event {
             kind: "stats",
             id: &a.id,
@@ -161,7 +166,7 @@ pub fn update(ctx: &Ctx, a: &UpdateArgs) -> Result<i32, Error> {
             oom_score_adj: None,
             freezer_state: None,
         })
-        .map_err(|source| Error::Cgroup { op: "updating", id: a.id.clone(), source })?;
+        .map_err(|e| Error::cgroup("updating", &a.id, e))?;
     Ok(0)
 }
 
@@ -176,11 +181,17 @@ pub fn features() -> Result<i32, Error> {
 pub fn spec(a: &SpecArgs) -> Result<i32, Error> {
     let path = a.bundle.join("config.json");
     if path.exists() {
-        return Err(Error::Invalid(format!("File {} exists. Remove it first", path.display())));
+        return Err(Error::Invalid(format!(
+            "File {} exists. Remove it first",
+            path.display()
+        )));
     }
     let mut s = crate::spec::default_spec();
     if a.rootless {
-        let (uid, gid) = (nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw());
+        let (uid, gid) = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
         crate::spec::make_rootless(&mut s, uid, gid);
     }
     let text = serde_json::to_string_pretty(&s)

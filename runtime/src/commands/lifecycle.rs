@@ -57,8 +57,13 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32, Error> {
     let mut c = ctx.load(id)?;
     if c.status() != ContainerStatus::Created {
         return Err(match c.status() {
-            ContainerStatus::Stopped => Error::Invalid("cannot start a container that has stopped".into()),
-            s => Error::Invalid(format!("cannot start an already running container (status {})", status_name(s))),
+            ContainerStatus::Stopped => {
+                Error::Invalid("cannot start a container that has stopped".into())
+            }
+            s => Error::Invalid(format!(
+                "cannot start an already running container (status {})",
+                status_name(s)
+            )),
         });
     }
     c.start().map_err(|e| Error::lib("starting", id, e))?;
@@ -66,19 +71,14 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32, Error> {
 }
 
 pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
-    let terminal = !a.detach
-        && a.create.console_socket.is_none()
-        && spec_wants_terminal(&a.create.bundle);
+    let terminal =
+        !a.detach && a.create.console_socket.is_none() && spec_wants_terminal(&a.create.bundle);
     // Foreground: reparented container processes must come back to us so we
     // can reap init and report its status, as runc's subreaper does.
     if !a.detach && !a.no_subreaper {
         set_subreaper()?;
     }
-    let tmp = if terminal {
-        Some(private_dir()?)
-    } else {
-        None
-    };
+    let tmp = if terminal { Some(private_dir()?) } else { None };
     let console = match &tmp {
         Some(dir) => Some(ConsoleSocket::bind(dir.path())?),
         None => None,
@@ -86,9 +86,10 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
     // Block signals before init exists so none is lost before we forward them.
     let signals = SigSet::all();
     if !a.detach {
-        signals
-            .thread_block()
-            .map_err(|source| Error::Sys { what: "blocking signals", source })?;
+        signals.thread_block().map_err(|source| Error::Sys {
+            what: "blocking signals",
+            source,
+        })?;
     }
     let mut c = build(ctx, &a.create, console.as_ref().map(ConsoleSocket::path))?;
     let master = match &console {
@@ -103,7 +104,10 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
         return Ok(0);
     }
     let Some(pid) = c.pid() else {
-        return Err(Error::Invalid(format!("container {} has no init pid", a.create.id)));
+        return Err(Error::Invalid(format!(
+            "container {} has no init pid",
+            a.create.id
+        )));
     };
     let relay = master.map(|m| std::thread::spawn(move || crate::tty::relay(m)));
     let status = forward_until_exit(pid, &signals)?;
@@ -133,8 +137,10 @@ pub(super) fn private_dir() -> Result<tempfile::TempDir, Error> {
 }
 
 pub(super) fn set_subreaper() -> Result<(), Error> {
-    nix::sys::prctl::set_child_subreaper(true)
-        .map_err(|source| Error::Sys { what: "becoming child subreaper", source })
+    nix::sys::prctl::set_child_subreaper(true).map_err(|source| Error::Sys {
+        what: "becoming child subreaper",
+        source,
+    })
 }
 
 /// Forwards signals to `pid` and reaps children until it exits; returns its
@@ -149,7 +155,12 @@ pub(super) fn forward_until_exit(pid: Pid, signals: &SigSet) -> Result<i32, Erro
                 Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
                 Ok(_) => continue,
                 Err(nix::errno::Errno::EINTR) => continue,
-                Err(source) => return Err(Error::Sys { what: "waiting for container", source }),
+                Err(source) => {
+                    return Err(Error::Sys {
+                        what: "waiting for container",
+                        source,
+                    })
+                }
             }
         }
         match signals.wait() {
@@ -158,7 +169,12 @@ pub(super) fn forward_until_exit(pid: Pid, signals: &SigSet) -> Result<i32, Erro
             Ok(sig) => {
                 let _ = signal::kill(pid, sig);
             }
-            Err(source) => return Err(Error::Sys { what: "waiting for signals", source }),
+            Err(source) => {
+                return Err(Error::Sys {
+                    what: "waiting for signals",
+                    source,
+                })
+            }
         }
     }
 }

@@ -47,11 +47,10 @@ impl Ctx {
         Container::load(dir).map_err(|e| Error::lib("loading", id, e))
     }
 
-    fn cgroup_manager(
-        &self,
-        c: &Container,
-    ) -> Result<libcgroups::common::AnyCgroupManager, Error> {
-        let config = c.spec().map_err(|e| Error::lib("loading config of", c.id(), e))?;
+    fn cgroup_manager(&self, c: &Container) -> Result<libcgroups::common::AnyCgroupManager, Error> {
+        let config = c
+            .spec()
+            .map_err(|e| Error::lib("loading config of", c.id(), e))?;
         libcgroups::common::create_cgroup_manager(libcgroups::common::CgroupConfig {
             cgroup_path: config.cgroup_path,
             systemd_cgroup: c.systemd(),
