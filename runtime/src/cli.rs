@@ -254,6 +254,21 @@ pub struct SpecArgs {
     pub rootless: bool,
 }
 
+/// Parses a signal as runc's `kill` takes it: "9", "KILL", "SIGKILL", "kill".
+pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
+    use std::str::FromStr;
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).ok();
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") {
+        up
+    } else {
+        format!("SIG{up}")
+    };
+    nix::sys::signal::Signal::from_str(&name).ok()
+}
+
 /// Parses a Go-style duration as `events --interval` takes it.
 pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     let s = s.trim();
@@ -357,6 +372,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn signals() {
+        use nix::sys::signal::Signal::*;
+        assert_eq!(parse_signal("9"), Some(SIGKILL));
+        assert_eq!(parse_signal("KILL"), Some(SIGKILL));
+        assert_eq!(parse_signal("sigterm"), Some(SIGTERM));
+        assert_eq!(parse_signal("WINCH"), Some(SIGWINCH));
+        assert_eq!(parse_signal("NOPE"), None);
+        assert_eq!(parse_signal("99"), None);
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum Error {
     Resources(#[from] crate::resources::ResourcesError),
     #[error(transparent)]
     Tty(#[from] crate::tty::TtyError),
+    #[error(transparent)]
+    Propagation(#[from] crate::propagation::PropagationError),
     #[error("{op} container {id}: {}", runc_wording(&chain(source.as_ref())))]
     Libcontainer {
         op: &'static str,

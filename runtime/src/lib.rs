@@ -6,9 +6,11 @@
 pub mod bundle;
 pub mod cli;
 pub mod commands;
+pub mod effective;
 pub mod error;
 pub mod features;
 pub mod logging;
+pub mod propagation;
 pub mod resources;
 pub mod spec;
 pub mod state;

@@ -294,6 +294,11 @@ fn ids_and_states_as_runc() {
     let state: Value = serde_json::from_slice(&rt.output(&["state", "s1"]).stdout).unwrap();
     assert_eq!(state["status"], "running");
     let pid = state["pid"].as_i64().unwrap();
+    // No cgroupsPath in the config: runc's default, /<id> in each hierarchy.
+    assert!(
+        Path::new("/sys/fs/cgroup/pids/s1").is_dir() || Path::new("/sys/fs/cgroup/s1").is_dir(),
+        "want the cgroup at /s1"
+    );
 
     let list: Value =
         serde_json::from_slice(&rt.output(&["list", "--format", "json"]).stdout).unwrap();

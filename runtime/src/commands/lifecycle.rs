@@ -1,8 +1,8 @@
 //! create, start, run, state, kill, delete, pause, resume.
 
+use libcgroups::common::{CgroupManager, FreezerState};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::{Container, ContainerStatus};
-use libcontainer::signal::Signal;
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::signal::{self, SigSet};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
@@ -14,6 +14,7 @@ use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
 use crate::state::ContainerState;
 use crate::tty::ConsoleSocket;
 use crate::Error;
+use crate::{effective, propagation};
 
 /// Builds the container (init waiting on start) per the bundle.
 fn build(
@@ -22,13 +23,32 @@ fn build(
     console_socket: Option<&std::path::Path>,
 ) -> Result<Container, Error> {
     let bundle = absolute(&a.bundle)?;
-    bundle::validate(&bundle, &ProcessLimits)?;
+    let mut spec = bundle::validate(&bundle, &ProcessLimits)?;
     ctx.ensure_root()?;
     if ctx.container_dir(&a.id).exists() {
         return Err(Error::Exists { id: a.id.clone() });
     }
+    let fixes = propagation::fixes(&spec);
+    let effective = if effective::normalize(&mut spec, &a.id, ctx.systemd_cgroup) {
+        let root = spec
+            .root()
+            .as_ref()
+            .map(|r| r.path().clone())
+            .unwrap_or_default();
+        let rootfs = crate::state::rootfs_path(&bundle, &root);
+        let dir = effective::write(&ctx.root, &a.id, &bundle, &rootfs, &mut spec).map_err(|e| {
+            Error::io(
+                "writing effective bundle",
+                effective::dir(&ctx.root, &a.id),
+                e,
+            )
+        })?;
+        Some(dir)
+    } else {
+        None
+    };
     let console_socket = console_socket.or(a.console_socket.as_deref());
-    ContainerBuilder::new(a.id.clone(), SyscallType::default())
+    let built = ContainerBuilder::new(a.id.clone(), SyscallType::default())
         .with_root_path(&ctx.root)
         .and_then(|b| b.with_pid_file(a.pid_file.as_ref()))
         .map(|b| {
@@ -37,15 +57,31 @@ fn build(
         })
         .and_then(|b| b.validate_id())
         .and_then(|b| {
-            b.as_init(&bundle)
+            b.as_init(effective.as_deref().unwrap_or(&bundle))
                 .with_systemd(ctx.systemd_cgroup)
                 // libcontainer only uses `detach` to demand a console socket
                 // for terminals; foreground runs hand it our own socket.
                 .with_detach(true)
                 .with_no_pivot(a.no_pivot)
                 .build()
-        })
-        .map_err(|e| Error::lib("creating", &a.id, e))
+        });
+    let mut c = match built {
+        Ok(c) => c,
+        Err(e) => {
+            effective::remove(&ctx.root, &a.id);
+            return Err(Error::lib("creating", &a.id, e));
+        }
+    };
+    let applied = match c.pid() {
+        Some(pid) => propagation::apply(pid.as_raw(), &fixes),
+        None => Ok(()),
+    };
+    if let Err(e) = applied {
+        let _ = c.delete(true);
+        effective::remove(&ctx.root, &a.id);
+        return Err(e.into());
+    }
+    Ok(c)
 }
 
 pub fn create(ctx: &Ctx, a: &CreateArgs) -> Result<i32, Error> {
@@ -98,6 +134,7 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
     };
     if let Err(e) = c.start() {
         let _ = c.delete(true);
+        effective::remove(&ctx.root, &a.create.id);
         return Err(Error::lib("starting", &a.create.id, e));
     }
     if a.detach {
@@ -117,6 +154,7 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
     if !a.keep {
         c.delete(true)
             .map_err(|e| Error::lib("deleting", &a.create.id, e))?;
+        effective::remove(&ctx.root, &a.create.id);
     }
     Ok(status)
 }
@@ -188,20 +226,57 @@ pub fn state(ctx: &Ctx, id: &str) -> Result<i32, Error> {
     Ok(0)
 }
 
+/// Signals the container without libcontainer's `Container::kill`, which
+/// records "stopped" after any signal (a SIGWINCH would make a created
+/// container unstartable). State here only ever reflects the kernel's truth.
 pub fn kill(ctx: &Ctx, a: &KillArgs) -> Result<i32, Error> {
-    let signal = Signal::try_from(a.signal.as_str())
-        .map_err(|_| Error::Invalid(format!("invalid signal {:?}", a.signal)))?;
-    let mut c = ctx.load(&a.id)?;
-    if c.status() == ContainerStatus::Stopped {
-        return Err(Error::NotRunning { id: a.id.clone() });
-    }
-    match c.kill(signal, a.all) {
-        Ok(()) => Ok(0),
-        Err(_) if c.status() == ContainerStatus::Stopped => {
-            Err(Error::NotRunning { id: a.id.clone() })
+    let signal = crate::cli::parse_signal(&a.signal)
+        .ok_or_else(|| Error::Invalid(format!("invalid signal {:?}", a.signal)))?;
+    let c = ctx.load(&a.id)?;
+    let status = c.status();
+    if a.all {
+        // As runc: with --all, leftover processes of a stopped container
+        // still get the signal while its cgroup exists.
+        let cg = ctx.cgroup_manager(&c)?;
+        let pids = cg.get_all_pids().unwrap_or_default();
+        if pids.is_empty() && status == ContainerStatus::Stopped {
+            return Err(Error::NotRunning { id: a.id.clone() });
         }
-        Err(e) => Err(Error::lib("killing", &a.id, e)),
+        // Frozen, nothing can fork between listing and signalling.
+        let paused = status == ContainerStatus::Paused;
+        if !paused {
+            let _ = cg.freeze(FreezerState::Frozen);
+        }
+        let pids = cg.get_all_pids().unwrap_or(pids);
+        for pid in pids {
+            let _ = signal::kill(pid, signal);
+        }
+        if !paused || signal == signal::SIGKILL {
+            let _ = cg.freeze(FreezerState::Thawed);
+        }
+        return Ok(0);
     }
+    let pid = match (status, c.pid()) {
+        (ContainerStatus::Stopped, _) | (_, None) => {
+            return Err(Error::NotRunning { id: a.id.clone() })
+        }
+        (_, Some(pid)) => pid,
+    };
+    match signal::kill(pid, signal) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::ESRCH) => return Err(Error::NotRunning { id: a.id.clone() }),
+        Err(source) => {
+            return Err(Error::Sys {
+                what: "sending signal",
+                source,
+            })
+        }
+    }
+    // A frozen (v1) process cannot act on SIGKILL until thawed.
+    if status == ContainerStatus::Paused && signal == signal::SIGKILL {
+        let _ = ctx.cgroup_manager(&c)?.freeze(FreezerState::Thawed);
+    }
+    Ok(0)
 }
 
 pub fn delete(ctx: &Ctx, a: &DeleteArgs) -> Result<i32, Error> {
@@ -210,6 +285,7 @@ pub fn delete(ctx: &Ctx, a: &DeleteArgs) -> Result<i32, Error> {
         // runc: `delete --force` of a container that is gone is not an error.
         Err(Error::NotFound { .. }) if a.force => {
             let _ = std::fs::remove_dir_all(ctx.container_dir(&a.id));
+            effective::remove(&ctx.root, &a.id);
             return Ok(0);
         }
         Err(e) => return Err(e),
@@ -226,6 +302,7 @@ pub fn delete(ctx: &Ctx, a: &DeleteArgs) -> Result<i32, Error> {
         _ => {
             c.delete(a.force)
                 .map_err(|e| Error::lib("deleting", &a.id, e))?;
+            effective::remove(&ctx.root, &a.id);
             Ok(0)
         }
     }

@@ -63,8 +63,9 @@ impl Ctx {
 /// Reads what `state`/`list` report. The rootfs comes from the bundle's config,
 /// falling back to `<bundle>/rootfs` when the bundle is gone.
 fn observe(c: &Container) -> Observed {
-    let bundle = c.bundle().clone();
-    let root = std::fs::read_to_string(bundle.join("config.json"))
+    let config_dir = c.bundle().clone();
+    let bundle = crate::effective::origin(&config_dir).unwrap_or_else(|| config_dir.clone());
+    let root = std::fs::read_to_string(config_dir.join("config.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .and_then(|v| v["root"]["path"].as_str().map(PathBuf::from))
