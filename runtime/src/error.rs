@@ -98,20 +98,30 @@ pub fn chain(err: &dyn std::error::Error) -> String {
     parts.join(": ")
 }
 
-/// Rewords libcontainer's "executable not found" the way runc says it:
-/// podman maps that wording (and "no such file or directory") to exit code 127.
+/// Rewords libcontainer's exec failures the way runc says them: podman maps
+/// "executable file not found" / "no such file or directory" to exit 127 and
+/// "permission denied" to 126.
 pub fn runc_wording(msg: &str) -> String {
-    if let Some(start) = msg.find("executable '") {
-        let rest = &msg[start + "executable '".len()..];
-        if let Some(end) = rest.find("' not found") {
-            let name = &rest[..end];
-            return format!(
-                "{}exec: \"{name}\": executable file not found in $PATH",
-                &msg[..start]
-            );
+    let Some(start) = msg.find("executable '") else {
+        return msg.to_string();
+    };
+    let rest = &msg[start + "executable '".len()..];
+    let Some(end) = rest.find('\'') else {
+        return msg.to_string();
+    };
+    let (name, tail) = (&rest[..end], &rest[end..]);
+    let head = &msg[..start];
+    if tail.starts_with("' not found") {
+        if name.contains('/') {
+            format!("{head}exec: \"{name}\": stat {name}: no such file or directory")
+        } else {
+            format!("{head}exec: \"{name}\": executable file not found in $PATH")
         }
+    } else if tail.contains("does not have correct permissions") {
+        format!("{head}exec: \"{name}\": permission denied")
+    } else {
+        msg.to_string()
     }
-    msg.to_string()
 }
 
 #[cfg(test)]
@@ -131,8 +141,16 @@ mod tests {
     #[test]
     fn not_found_worded_as_runc() {
         assert_eq!(
+            runc_wording("failed: executable 'foo' not found in $PATH"),
+            "failed: exec: \"foo\": executable file not found in $PATH"
+        );
+        assert_eq!(
             runc_wording("failed: executable '/x' not found in $PATH"),
-            "failed: exec: \"/x\": executable file not found in $PATH"
+            "failed: exec: \"/x\": stat /x: no such file or directory"
+        );
+        assert_eq!(
+            runc_wording("e: executable '/etc/passwd' at path '\"/etc/passwd\"' does not have correct permissions"),
+            "e: exec: \"/etc/passwd\": permission denied"
         );
         assert_eq!(runc_wording("other"), "other");
     }

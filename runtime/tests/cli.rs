@@ -224,7 +224,11 @@ fn failed_create_leaves_nothing_behind() {
     // Fails after namespaces and cgroups exist: the executable is missing.
     let b = rt.bundle("noexec", &["/no/such/binary"]);
     let o = rt.run(&["create", "--bundle", b.dir().to_str().unwrap(), "late1"]);
-    assert_fails(&o, 1, "executable file not found in $PATH");
+    assert_fails(
+        &o,
+        1,
+        "exec: \"/no/such/binary\": stat /no/such/binary: no such file or directory",
+    );
     assert_nothing_left(&rt, "late1", b.dir());
 
     // Fails while mounting the rootfs.
