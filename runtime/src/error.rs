@@ -102,6 +102,11 @@ pub fn chain(err: &dyn std::error::Error) -> String {
 /// "executable file not found" / "no such file or directory" to exit 127 and
 /// "permission denied" to 126.
 pub fn runc_wording(msg: &str) -> String {
+    let msg = msg.replace(
+        "failed to create container: exec process failed with error error in executing process : ",
+        "unable to start container process: ",
+    );
+    let msg = msg.as_str();
     let Some(start) = msg.find("executable '") else {
         return msg.to_string();
     };
@@ -153,6 +158,10 @@ mod tests {
             "e: exec: \"/etc/passwd\": permission denied"
         );
         assert_eq!(runc_wording("other"), "other");
+        assert_eq!(
+            runc_wording("creating container c: failed to create container: exec process failed with error error in executing process : executable 'x' not found in $PATH"),
+            "creating container c: unable to start container process: exec: \"x\": executable file not found in $PATH"
+        );
     }
 
     #[test]

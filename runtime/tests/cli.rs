@@ -227,7 +227,7 @@ fn failed_create_leaves_nothing_behind() {
     assert_fails(
         &o,
         1,
-        "exec: \"/no/such/binary\": stat /no/such/binary: no such file or directory",
+        "unable to start container process: exec: \\\"/no/such/binary\\\": stat /no/such/binary: no such file or directory",
     );
     assert_nothing_left(&rt, "late1", b.dir());
 
@@ -400,4 +400,125 @@ fn spec_and_features() {
         .as_array()
         .unwrap()
         .contains(&Value::from("network")));
+}
+
+#[test]
+fn update_from_resources_file_and_stdin() {
+    if !require_root("bosun-runc update test") {
+        return;
+    }
+    let rt = Runtime::new();
+    let b = rt.bundle("upd", &["sleep", "1000"]);
+    let o = rt.run(&["run", "-d", "--bundle", b.dir().to_str().unwrap(), "u1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pids_max = || std::fs::read_to_string("/sys/fs/cgroup/pids/u1/pids.max").unwrap();
+
+    let file = rt.dir.path().join("r.json");
+    std::fs::write(&file, r#"{"pids": {"limit": 9}}"#).unwrap();
+    assert!(rt
+        .run(&["update", "-r", file.to_str().unwrap(), "u1"])
+        .status
+        .success());
+    assert_eq!(pids_max().trim(), "9");
+
+    let mut child = Command::new(RUNC)
+        .arg("--root")
+        .arg(rt.root())
+        .args(["update", "-r", "-", "u1"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(br#"{"pids": {"limit": 11}}"#)
+        .unwrap();
+    assert!(child.wait().unwrap().success());
+    assert_eq!(pids_max().trim(), "11");
+
+    std::fs::write(&file, "{not json").unwrap();
+    assert_fails(
+        &rt.run(&["update", "-r", file.to_str().unwrap(), "u1"]),
+        1,
+        "invalid LinuxResources JSON",
+    );
+    assert_fails(&rt.run(&["update", "u1"]), 1, "nothing to update");
+    assert_fails(
+        &rt.run(&["update", "--memory", "lots", "u1"]),
+        1,
+        "--memory: invalid size",
+    );
+}
+
+#[test]
+fn events_stream_stats_at_the_interval() {
+    if !require_root("bosun-runc events test") {
+        return;
+    }
+    let rt = Runtime::new();
+    let b = rt.bundle("ev", &["sleep", "1000"]);
+    assert!(rt
+        .run(&["run", "-d", "--bundle", b.dir().to_str().unwrap(), "e1"])
+        .status
+        .success());
+    let mut child = Command::new(RUNC)
+        .arg("--root")
+        .arg(rt.root())
+        .args(["events", "--interval", "100ms", "e1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    for _ in 0..3 {
+        let ev: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_eq!(ev["type"], "stats");
+        assert_eq!(ev["id"], "e1");
+        assert!(ev["data"]["pids"]["current"].as_u64().unwrap() >= 1);
+    }
+    // The stream ends by itself once the container is gone.
+    assert!(rt.run(&["kill", "e1", "KILL"]).status.success());
+    let status = child.wait().unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn systemd_cgroup_without_systemd_is_a_clear_error() {
+    if std::path::Path::new("/run/systemd/system").is_dir() {
+        eprintln!("skipping: systemd runs here, so --systemd-cgroup is valid");
+        return;
+    }
+    let rt = Runtime::new();
+    let o = rt.run(&["--systemd-cgroup", "list"]);
+    assert_fails(&o, 1, "systemd is not running");
+}
+
+#[test]
+fn foreground_run_with_terminal_relays_the_pty() {
+    if !require_root("bosun-runc terminal test") {
+        return;
+    }
+    let rt = Runtime::new();
+    let mut b = rt.bundle(
+        "tty",
+        &["sh", "-c", "tty; test -t 0 && echo isatty; exit 4"],
+    );
+    b.set_terminal(true);
+    b.write().unwrap();
+    // `script` gives bosun-runc a terminal of its own, as a user's shell would.
+    let cmd = format!(
+        "{RUNC} --root {} run --bundle {} t1",
+        rt.root().display(),
+        b.dir().display()
+    );
+    let o = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("/dev/pts/0"), "{out}");
+    assert!(out.contains("isatty"), "{out}");
+    assert_eq!(o.status.code(), Some(4), "{out}");
 }
