@@ -23,6 +23,8 @@ packages=(
   containernetworking-plugins
   # benchmarks
   time
+  # VM tests: a Debian kernel booted under QEMU (TCG) with a busybox initramfs
+  qemu-system-x86 linux-image-amd64 cpio
 )
 
 missing=()

@@ -5,8 +5,10 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use bosun_testsupport::bundle::Bundle;
+use bosun_testsupport::host;
 use bosun_testsupport::privileged::require_root;
 use serde_json::Value;
 
@@ -92,44 +94,25 @@ fn assert_fails(o: &Output, code: i32, want: &str) {
     assert!(err.contains(want), "want {want:?} in {err:?}");
 }
 
-fn cgroups_named(id: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    for ctrl in std::fs::read_dir("/sys/fs/cgroup").unwrap().flatten() {
-        let p = ctrl.path().join(id);
-        if p.exists() {
-            found.push(p);
-        }
-    }
-    found
-}
-
-fn processes_with(needle: &str) -> usize {
-    let mut n = 0;
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(cmd) = std::fs::read(p.path().join("cmdline")) {
-            if String::from_utf8_lossy(&cmd).contains(needle) {
-                n += 1;
-            }
-        }
-    }
-    n
-}
-
-fn mounts_with(needle: &str) -> usize {
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains(needle))
-        .count()
-}
-
-/// Nothing of container `id` (whose bundle is `bundle`) is left on the host.
+/// Nothing of container `id` (whose bundle is `bundle`) is left on the host:
+/// no state dir, no cgroup `/<id>` in any hierarchy (v1 or v2), no mount and
+/// no process mentioning the bundle path.
 fn assert_nothing_left(rt: &Runtime, id: &str, bundle: &Path) {
     assert!(!rt.root().join(id).exists(), "state dir left");
-    assert_eq!(cgroups_named(id), Vec::<PathBuf>::new(), "cgroups left");
-    assert_eq!(mounts_with(&bundle.display().to_string()), 0, "mounts left");
+    let hierarchies = host::cgroup_mounts().unwrap();
+    assert!(!hierarchies.is_empty(), "no cgroup hierarchy mounted");
+    assert_eq!(
+        host::existing_cgroup_dirs(&hierarchies, id),
+        Vec::<PathBuf>::new(),
+        "cgroups left"
+    );
     let marker = bundle.display().to_string();
-    assert_eq!(processes_with(&marker), 0, "processes left");
+    assert_eq!(host::mounts_mentioning(&marker).unwrap(), 0, "mounts left");
+    assert_eq!(
+        host::processes_with(&marker).unwrap(),
+        Vec::<u32>::new(),
+        "processes left"
+    );
 }
 
 #[test]
@@ -328,16 +311,13 @@ fn ids_and_states_as_runc() {
         "cannot delete container s1 that is not stopped: running",
     );
     assert!(rt.run(&["kill", "s1", "KILL"]).status.success());
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        let s: Value = serde_json::from_slice(&rt.output(&["state", "s1"]).stdout).unwrap();
-        if s["status"] == "stopped" {
-            assert_eq!(s["pid"], 0);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "not stopped: {s}");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    let mut s = Value::Null;
+    let stopped = host::poll(Duration::from_secs(5), || {
+        s = serde_json::from_slice(&rt.output(&["state", "s1"]).stdout).unwrap();
+        (s["status"] == "stopped").then_some(())
+    });
+    assert!(stopped.is_some(), "not stopped: {s}");
+    assert_eq!(s["pid"], 0);
     assert_fails(&rt.run(&["kill", "s1"]), 1, "container not running");
     assert!(rt.run(&["delete", "s1"]).status.success());
     assert_nothing_left(&rt, "s1", b.dir());

@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use bosun_testsupport::{layout, privileged, rootfs, Bundle};
+use bosun_testsupport::{host, layout, privileged, rootfs, Bundle};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -73,7 +73,7 @@ struct Containerd {
 impl Containerd {
     /// Starts containerd, waits until it answers, imports the busybox image.
     fn start() -> Result<Containerd> {
-        let id = common::unique_id("ctd");
+        let id = host::unique_id("bosun-ctd");
         let dir = common::test_dir(&id)?;
         let runtime = TracedRuntime::new(dir.path())?;
         let config = dir.path().join("config.toml");
@@ -306,7 +306,7 @@ impl Drop for Containerd {
                 }
             }
         }
-        common::unmount_under(self.dir.path());
+        host::unmount_under(self.dir.path());
     }
 }
 

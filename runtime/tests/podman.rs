@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
-use bosun_testsupport::{layout, privileged, rootfs};
+use bosun_testsupport::{host, layout, privileged, rootfs};
 
 use common::{
     check, ensure_contains, in_pty, run, section, tail, wait_for, CgroupParent, Output,
@@ -49,7 +49,7 @@ struct Podman {
 
 impl Podman {
     fn new() -> Result<Podman> {
-        let id = common::unique_id("pm");
+        let id = host::unique_id("bosun-pm");
         let dir = common::test_dir(&id)?;
         let runtime = TracedRuntime::new(dir.path())?;
         let mut podman = Podman {
@@ -267,7 +267,7 @@ impl Drop for Podman {
             Ok(_) => {}
         }
         delete_runtime_state(&self.runtime.real, &self.path("runtime-root"));
-        common::unmount_under(self.dir.path());
+        host::unmount_under(self.dir.path());
     }
 }
 

@@ -28,14 +28,14 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use bosun_testsupport::host::poll;
 use bosun_testsupport::Bundle;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 use serde_json::{json, Value};
 
 use harness::{
-    ns_id, poll, v1_controller, HelperProcess, HostMount, NetNs, Test, COMMAND_TIMEOUT,
-    POLL_TIMEOUT,
+    ns_id, v1_controller, HelperProcess, HostMount, NetNs, Test, COMMAND_TIMEOUT, POLL_TIMEOUT,
 };
 
 /// The capabilities of `runc spec` (and of [`Bundle::busybox`]).

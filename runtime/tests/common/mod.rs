@@ -1,6 +1,8 @@
 //! Shared harness for the real-client tests (`podman.rs`, `containerd.rs`):
 //! which runtime binary is under test, client commands with deadlines, a
 //! pseudo-terminal for `-t`, polling, and guards that clean up on failure.
+//! Host inspection and cleanup (cgroups, mounts, ids) is
+//! [`bosun_testsupport::host`], shared with the other runtime tests.
 //!
 //! Every client runs with private state under one temporary directory per
 //! test; nothing here touches the host's container stores.
@@ -15,14 +17,12 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
+use bosun_testsupport::host;
 
 /// Deadline for one client command (a run, an exec, a kill ...).
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
@@ -56,18 +56,6 @@ pub fn runtime_binary() -> PathBuf {
         Some(path) if !path.is_empty() => PathBuf::from(path),
         _ => PathBuf::from(env!("CARGO_BIN_EXE_bosun-runc")),
     }
-}
-
-/// A name no other test (or earlier run) uses: `bosun-<what>-<pid>-<n><t>`,
-/// short enough for unix socket paths and container names.
-pub fn unique_id(what: &str) -> String {
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let t = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_micros())
-        .unwrap_or_default();
-    format!("bosun-{what}-{}-{n}{t:06}", std::process::id())
 }
 
 /// The private directory of one test, `$TMPDIR/<id>`. Named by the unique
@@ -137,7 +125,7 @@ pub fn run(cmd: &mut Command, timeout: Duration) -> Result<Output> {
     let status = match wait_deadline(&mut child, deadline)? {
         Some(status) => status,
         None => {
-            kill_group(&mut child);
+            host::kill_group(&mut child);
             let out = finish(stdout, stderr);
             bail!(
                 "`{cmdline}` still running after {timeout:?}; killed it\n\
@@ -178,15 +166,10 @@ pub fn wait_for<T>(
     timeout: Duration,
     mut probe: impl FnMut() -> Result<Option<T>>,
 ) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe()? {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(POLL_INTERVAL);
+    // An error from `probe` ends the wait at once.
+    match host::poll_every(POLL_INTERVAL, timeout, || probe().transpose()) {
+        Some(result) => result,
+        None => bail!("timed out after {timeout:?} waiting for {what}"),
     }
 }
 
@@ -285,40 +268,18 @@ impl CgroupParent {
 impl Drop for CgroupParent {
     fn drop(&mut self) {
         let mut errors = Vec::new();
-        for mount in cgroup_mounts() {
-            let dir = mount.join(&self.name);
-            if dir.exists() {
-                // Exiting tasks can keep a cgroup busy for a moment.
-                let removed = wait_for("cgroup removal", Duration::from_secs(5), || {
-                    Ok(remove_cgroup_tree(&dir).ok())
-                });
-                if let Err(e) = removed {
-                    errors.push(format!("{}: {e}", dir.display()));
-                }
+        let hierarchies = host::cgroup_mounts().unwrap_or_else(|e| {
+            errors.push(format!("list cgroup mounts: {e}"));
+            Vec::new()
+        });
+        for dir in host::existing_cgroup_dirs(&hierarchies, &self.name) {
+            // Exiting tasks can keep a cgroup busy for a moment.
+            if let Err(e) = host::remove_cgroup_tree_within(&dir, Duration::from_secs(5)) {
+                errors.push(format!("{}: {e}", dir.display()));
             }
         }
         if !errors.is_empty() {
             eprintln!("cleanup: cannot remove cgroups: {}", errors.join("; "));
-        }
-    }
-}
-
-/// Unmounts (lazily) everything mounted at or below `dir`, deepest first,
-/// so a test directory can be deleted even after a client left mounts.
-pub fn unmount_under(dir: &Path) {
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|point| PathBuf::from(unescape_mountinfo(point)))
-        .filter(|point| point.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for point in points {
-        if let Err(e) = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
-            eprintln!("cleanup: umount {}: {e}", point.display());
         }
     }
 }
@@ -349,24 +310,7 @@ pub fn tail(path: &Path, lines: usize) -> String {
 
 /// Waits for `child` until `deadline`; `None` if it is still running then.
 pub fn wait_deadline(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>> {
-    loop {
-        if let Some(status) = child.try_wait().context("wait for child")? {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// SIGKILLs the process group `child` leads and reaps `child`.
-fn kill_group(child: &mut Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    host::wait_deadline(child, deadline).context("wait for child")
 }
 
 /// Reads a pipe to its end on a thread; the receiver gets the text.
@@ -413,60 +357,4 @@ pub fn shell_quote(s: &str) -> String {
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
     }
-}
-
-/// Mount points of cgroup (v1) and cgroup2 file systems.
-fn cgroup_mounts() -> Vec<PathBuf> {
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            let fstype = *fields.get(sep + 1)?;
-            let point = fields.get(4)?;
-            (fstype == "cgroup" || fstype == "cgroup2")
-                .then(|| PathBuf::from(unescape_mountinfo(point)))
-        })
-        .collect()
-}
-
-/// Removes a cgroup directory and its child cgroups, children first.
-fn remove_cgroup_tree(dir: &Path) -> std::io::Result<()> {
-    for entry in fs::read_dir(dir)? {
-        let entry = entry?;
-        if entry.file_type()?.is_dir() {
-            remove_cgroup_tree(&entry.path())?;
-        }
-    }
-    match fs::remove_dir(dir) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space).
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escape = bytes
-            .get(i + 1..i + 4)
-            .filter(|digits| bytes[i] == b'\\' && digits.iter().all(|d| (b'0'..=b'7').contains(d)));
-        match escape {
-            Some(digits) => {
-                let code = digits.iter().fold(0u32, |n, d| n * 8 + u32::from(d - b'0'));
-                out.push(u8::try_from(code).unwrap_or(b'?'));
-                i += 4;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }

@@ -2,7 +2,9 @@
 //! directory per test, runtime commands with deadlines whose stdout/stderr go
 //! to files (never pipes: a created container keeps the runtime's stdio open),
 //! and guards that clean up containers, network namespaces, helper processes
-//! and host mounts even when the test panics.
+//! and host mounts even when the test panics. Host inspection and cleanup
+//! (cgroups, mounts, ids, polling) is [`bosun_testsupport::host`], shared
+//! with the other runtime tests.
 
 // Not every test uses every helper.
 #![allow(dead_code)]
@@ -13,19 +15,16 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
 use std::time::{Duration, Instant};
 
+use bosun_testsupport::host::{self, kill_group, poll, unmount_under};
 use bosun_testsupport::{privileged, Bundle};
-use nix::sys::signal::{killpg, Signal};
-use nix::unistd::Pid;
 use serde_json::Value;
 
 /// Deadline for one runtime command.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline for a polled condition (a status, a file appearing).
 pub const POLL_TIMEOUT: Duration = Duration::from_secs(10);
-const POLL_INTERVAL: Duration = Duration::from_millis(20);
 
 /// Env var naming another runtime to run the same tests with, e.g.
 /// `BOSUN_TEST_RUNTIME=/usr/sbin/runc` to check that a test itself is right.
@@ -105,9 +104,7 @@ impl Test {
         if !privileged::require_root(name) {
             return None;
         }
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let id = format!("sem-{name}-{}-{n}", std::process::id());
+        let id = host::unique_id(&format!("sem-{name}"));
         let dir = tempfile::Builder::new()
             .prefix(&format!("{id}."))
             .tempdir()
@@ -253,13 +250,13 @@ impl Test {
         self.exec(&["sh", "-c", script]).ok().stdout
     }
 
-    /// Container cgroup directories of this test still present on the host.
+    /// Container cgroup directories of this test still present in the
+    /// cgroup v1 hierarchies. Panics if the mounts cannot be read, so an
+    /// assertion that none are left cannot pass for want of looking.
     pub fn leftover_cgroups(&self) -> Vec<PathBuf> {
-        cgroup_v1_mounts()
-            .into_iter()
-            .map(|m| m.join(&self.id))
-            .filter(|d| d.exists())
-            .collect()
+        let hierarchies =
+            host::cgroup_v1_mounts().unwrap_or_else(|e| panic!("read {}: {e}", host::MOUNTINFO));
+        host::existing_cgroup_dirs(&hierarchies, &self.id)
     }
 }
 
@@ -290,7 +287,9 @@ impl Spawned {
     /// Waits for it to exit, at most `timeout`; on timeout kills its process
     /// group and panics showing its output.
     pub fn wait(mut self, timeout: Duration) -> Out {
-        let Some(status) = wait_deadline(&mut self.child, Instant::now() + timeout) else {
+        let deadline = Instant::now() + timeout;
+        // A failing wait counts as a timeout: kill, then show the output.
+        let Ok(Some(status)) = host::wait_deadline(&mut self.child, deadline) else {
             kill_group(&mut self.child);
             self.reaped = true;
             panic!(
@@ -329,53 +328,22 @@ impl Drop for Test {
             .process_group(0)
             .spawn();
         if let Ok(mut child) = child {
-            if wait_deadline(&mut child, Instant::now() + COMMAND_TIMEOUT).is_none() {
+            let deadline = Instant::now() + COMMAND_TIMEOUT;
+            if !matches!(host::wait_deadline(&mut child, deadline), Ok(Some(_))) {
                 eprintln!("cleanup: delete --force {} timed out", self.id);
                 kill_group(&mut child);
             }
         }
-        // Tasks can keep a cgroup busy for a moment after they die.
-        for dir in self.leftover_cgroups() {
-            if poll(Duration::from_secs(2), || fs::remove_dir(&dir).ok()).is_none() {
-                eprintln!("cleanup: cannot remove cgroup {}", dir.display());
+        // Not `leftover_cgroups`: no panics in drop.
+        let hierarchies = host::cgroup_v1_mounts().unwrap_or_default();
+        for dir in host::existing_cgroup_dirs(&hierarchies, &self.id) {
+            // Tasks can keep a cgroup busy for a moment after they die.
+            if let Err(e) = host::remove_cgroup_tree_within(&dir, Duration::from_secs(2)) {
+                eprintln!("cleanup: cannot remove cgroup {}: {e}", dir.display());
             }
         }
         unmount_under(self.dir.path());
     }
-}
-
-/// Calls `probe` until it returns `Some`, at most `timeout` long.
-pub fn poll<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return Some(v);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(POLL_INTERVAL);
-    }
-}
-
-/// Waits for `child` until `deadline`; `None` if it still runs then.
-pub fn wait_deadline(child: &mut Child, deadline: Instant) -> Option<ExitStatus> {
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return Some(status),
-            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(5)),
-            _ => return None,
-        }
-    }
-}
-
-/// SIGKILLs the process group `child` leads and reaps `child`.
-pub fn kill_group(child: &mut Child) {
-    if let Ok(pid) = i32::try_from(child.id()) {
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-    }
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A host helper process (e.g. `unshare ... sleep`) killed on drop.
@@ -469,41 +437,6 @@ impl Drop for HostMount {
     }
 }
 
-/// Lazily unmounts everything at or below `dir` in our mount namespace,
-/// deepest first.
-pub fn unmount_under(dir: &Path) {
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let mut points: Vec<PathBuf> = mountinfo
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
-    for point in points {
-        if let Err(e) = nix::mount::umount2(&point, nix::mount::MntFlags::MNT_DETACH) {
-            eprintln!("cleanup: umount {}: {e}", point.display());
-        }
-    }
-}
-
-/// Mount points of the cgroup v1 hierarchies (`/sys/fs/cgroup/memory`, ...).
-pub fn cgroup_v1_mounts() -> Vec<PathBuf> {
-    let Ok(mountinfo) = fs::read_to_string("/proc/self/mountinfo") else {
-        return Vec::new();
-    };
-    mountinfo
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let sep = fields.iter().position(|f| *f == "-")?;
-            (*fields.get(sep + 1)? == "cgroup").then(|| PathBuf::from(fields[4]))
-        })
-        .collect()
-}
-
 /// Whether the v1 `controller` is mounted (a hierarchy id > 0 in
 /// /proc/cgroups and a cgroup mount carrying it).
 pub fn v1_controller(controller: &str) -> Option<PathBuf> {
@@ -515,7 +448,7 @@ pub fn v1_controller(controller: &str) -> Option<PathBuf> {
     if hierarchy == 0 {
         return None;
     }
-    cgroup_v1_mounts().into_iter().find(|m| {
+    host::cgroup_v1_mounts().ok()?.into_iter().find(|m| {
         m.file_name()
             .is_some_and(|n| n.to_string_lossy().split(',').any(|c| c == controller))
     })
