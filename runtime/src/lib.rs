@@ -10,6 +10,7 @@ pub mod effective;
 pub mod error;
 pub mod features;
 pub mod logging;
+pub mod poststart;
 pub mod propagation;
 pub mod resources;
 pub mod spec;

@@ -14,7 +14,7 @@ use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
 use crate::state::ContainerState;
 use crate::tty::ConsoleSocket;
 use crate::Error;
-use crate::{effective, propagation};
+use crate::{effective, poststart, propagation};
 
 /// Builds the container (init waiting on start) per the bundle.
 fn build(
@@ -76,10 +76,13 @@ fn build(
         Some(pid) => propagation::apply(pid.as_raw(), &fixes),
         None => Ok(()),
     };
-    if let Err(e) = applied {
+    let moved = applied
+        .map_err(Error::from)
+        .and_then(|()| poststart::take(&c.root).map_err(Error::from));
+    if let Err(e) = moved {
         let _ = c.delete(true);
         effective::remove(&ctx.root, &a.id);
-        return Err(e.into());
+        return Err(e);
     }
     Ok(c)
 }
@@ -87,6 +90,14 @@ fn build(
 pub fn create(ctx: &Ctx, a: &CreateArgs) -> Result<i32, Error> {
     build(ctx, a, None)?;
     Ok(0)
+}
+
+/// Lets init exec the user process, then runs the poststart hooks.
+fn start_and_poststart(c: &mut Container, id: &str) -> Result<(), Error> {
+    let init_exe = c.pid().and_then(|p| poststart::exe_of(p.as_raw()));
+    c.start().map_err(|e| Error::lib("starting", id, e))?;
+    poststart::run(c, init_exe);
+    Ok(())
 }
 
 pub fn start(ctx: &Ctx, id: &str) -> Result<i32, Error> {
@@ -102,7 +113,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32, Error> {
             )),
         });
     }
-    c.start().map_err(|e| Error::lib("starting", id, e))?;
+    start_and_poststart(&mut c, id)?;
     Ok(0)
 }
 
@@ -132,10 +143,10 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
         Some(cs) => Some(cs.receive_master()?),
         None => None,
     };
-    if let Err(e) = c.start() {
+    if let Err(e) = start_and_poststart(&mut c, &a.create.id) {
         let _ = c.delete(true);
         effective::remove(&ctx.root, &a.create.id);
-        return Err(Error::lib("starting", &a.create.id, e));
+        return Err(e);
     }
     if a.detach {
         return Ok(0);
