@@ -9,7 +9,8 @@ bash scripts/setup.sh
 echo "==> building bosun-runc (release)"
 cargo build --release --locked -p bosun-runtime -p bosun-testsupport
 
-runc=target/release/bosun-runc
+bin=target/x86_64-unknown-linux-gnu/release
+runc=$bin/bosun-runc
 work=$(mktemp -d /tmp/bosun-demo.XXXXXX)
 root="$work/state"
 id="demo-$$"
@@ -20,7 +21,7 @@ cleanup() {
 trap cleanup EXIT
 
 echo "==> building a busybox bundle in $work/bundle"
-target/release/bosun-testimage bundle "$work/bundle" -- sh -c '
+"$bin/bosun-testimage" bundle "$work/bundle" -- sh -c '
   echo "hello from $(hostname), pid $$ in its own pid namespace"
   if [ -f /sys/fs/cgroup/memory.max ]; then
     echo "memory limit (cgroup v2): $(cat /sys/fs/cgroup/memory.max)"

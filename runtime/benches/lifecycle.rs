@@ -589,9 +589,8 @@ fn locate(name: &str) -> Result<PathBuf> {
             Some(p) => PathBuf::from(p),
             None => match option_env!("CARGO_BIN_EXE_bosun-runc") {
                 Some(p) => PathBuf::from(p),
-                None => {
-                    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/bosun-runc")
-                }
+                None => PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                    .join("../target/x86_64-unknown-linux-gnu/release/bosun-runc"),
             },
         }
     } else {
