@@ -502,3 +502,32 @@ fn foreground_run_with_terminal_relays_the_pty() {
     assert!(out.contains("isatty"), "{out}");
     assert_eq!(o.status.code(), Some(4), "{out}");
 }
+
+#[test]
+fn each_container_gets_its_own_session_keyring() {
+    if !require_root("bosun-runc keyring test") {
+        return;
+    }
+    let rt = Runtime::new();
+    let b = rt.bundle("keys", &["sleep", "1000"]);
+    let (own, shared) = (
+        format!("keyring-own-{}", std::process::id()),
+        format!("keyring-shared-{}", std::process::id()),
+    );
+    let bundle = b.dir().to_str().unwrap();
+    assert!(rt
+        .run(&["create", "--bundle", bundle, &own])
+        .status
+        .success());
+    assert!(rt
+        .run(&["create", "--no-new-keyring", "--bundle", bundle, &shared])
+        .status
+        .success());
+    let keys = std::fs::read_to_string("/proc/keys").unwrap();
+    let named = |id: &str| {
+        keys.lines()
+            .any(|l| l.contains(" keyring ") && l.contains(&format!(" {id}:")))
+    };
+    assert!(named(&own), "no keyring named {own}:\n{keys}");
+    assert!(!named(&shared), "--no-new-keyring made one:\n{keys}");
+}

@@ -47,6 +47,9 @@ fn build(
     } else {
         None
     };
+    if !a.no_new_keyring {
+        join_session_keyring(&a.id)?;
+    }
     let console_socket = console_socket.or(a.console_socket.as_deref());
     let built = ContainerBuilder::new(a.id.clone(), SyscallType::default())
         .with_root_path(&ctx.root)
@@ -85,6 +88,32 @@ fn build(
         return Err(e);
     }
     Ok(c)
+}
+
+/// Gives the container its own session keyring, named after it, as runc does
+/// unless `--no-new-keyring`: init inherits ours, and libcontainer makes none,
+/// so without this every container would share the caller's keys.
+fn join_session_keyring(id: &str) -> Result<(), Error> {
+    const KEYCTL_JOIN_SESSION_KEYRING: nix::libc::c_long = 1;
+    let name = std::ffi::CString::new(id)
+        .map_err(|_| Error::Invalid(format!("container id {id:?} contains a NUL byte")))?;
+    // SAFETY: keyctl(2) with a valid NUL-terminated name; no memory is shared.
+    let r = unsafe {
+        nix::libc::syscall(
+            nix::libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            name.as_ptr(),
+        )
+    };
+    match nix::errno::Errno::result(r) {
+        Ok(_) => Ok(()),
+        // Kernels without keys, as runc tolerates.
+        Err(nix::errno::Errno::ENOSYS) => Ok(()),
+        Err(source) => Err(Error::Sys {
+            what: "joining a new session keyring",
+            source,
+        }),
+    }
 }
 
 pub fn create(ctx: &Ctx, a: &CreateArgs) -> Result<i32, Error> {
