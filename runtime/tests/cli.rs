@@ -531,3 +531,29 @@ fn each_container_gets_its_own_session_keyring() {
     assert!(named(&own), "no keyring named {own}:\n{keys}");
     assert!(!named(&shared), "--no-new-keyring made one:\n{keys}");
 }
+
+#[test]
+fn foreground_exec_with_tty_relays_the_pty() {
+    if !require_root("bosun-runc exec -t test") {
+        return;
+    }
+    let rt = Runtime::new();
+    let b = rt.bundle("exectty", &["sleep", "1000"]);
+    let o = rt.run(&["run", "-d", "--bundle", b.dir().to_str().unwrap(), "x1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let cmd = format!(
+        "{RUNC} --root {} exec -t x1 sh -c 'tty; test -t 0 && echo isatty; exit 5'",
+        rt.root().display()
+    );
+    let o = Command::new("script")
+        .args(["-qefc", &cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("/dev/pts/0") && out.contains("isatty"),
+        "{out}"
+    );
+    assert_eq!(o.status.code(), Some(5), "{out}");
+}
