@@ -8,6 +8,7 @@ pub mod cli;
 pub mod commands;
 pub mod effective;
 pub mod error;
+pub mod exe_guard;
 pub mod features;
 pub mod logging;
 pub mod poststart;

@@ -7,6 +7,17 @@ use clap::Parser;
 
 fn main() {
     let cli = Cli::parse();
+    // CVE-2019-5736: see exe_guard. Only commands that fork container
+    // processes need it; the others never share namespaces with one.
+    if matches!(
+        cli.command,
+        Command::Create(_) | Command::Run(_) | Command::Exec(_)
+    ) {
+        if let Err(e) = bosun_runtime::exe_guard::ensure_read_only_exe() {
+            eprintln!("bosun-runc: {e}");
+            std::process::exit(1);
+        }
+    }
     let g = &cli.global;
     let format = if g.log_format == "json" {
         Format::Json

@@ -557,3 +557,29 @@ fn foreground_exec_with_tty_relays_the_pty() {
     );
     assert_eq!(o.status.code(), Some(5), "{out}");
 }
+
+/// CVE-2019-5736: container processes forked by the runtime must not reach a
+/// writable runtime binary through /proc/<pid>/exe.
+#[test]
+fn container_init_sees_only_a_read_only_runtime_binary() {
+    if !require_root("bosun-runc binary protection test") {
+        return;
+    }
+    let rt = Runtime::new();
+    let b = rt.bundle("guard", &["sleep", "1000"]);
+    let o = rt.run(&["create", "--bundle", b.dir().to_str().unwrap(), "g1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let state: Value = serde_json::from_slice(&rt.output(&["state", "g1"]).stdout).unwrap();
+    // Until start, init is still our own code: the exposed moment.
+    let exe = format!("/proc/{}/exe", state["pid"]);
+    let vfs = nix::sys::statvfs::statvfs(exe.as_str()).unwrap();
+    assert!(
+        vfs.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY),
+        "{exe} is on a writable mount"
+    );
+    assert_ne!(
+        std::fs::canonicalize(&exe).ok(),
+        std::fs::canonicalize(RUNC).ok(),
+        "init runs the installed binary itself"
+    );
+}
