@@ -91,9 +91,10 @@ pub fn exec(ctx: &Ctx, a: &ExecArgs) -> Result<i32, Error> {
             "exec: no command given (args or --process)".into(),
         ));
     }
-    let tmp = private_dir()?;
+    // Only a tty needs scratch files (process.json, our console socket).
+    let tmp = if a.tty { Some(private_dir()?) } else { None };
     let mut process = a.process.clone();
-    if a.tty && process.is_none() {
+    if let (Some(tmp), None) = (&tmp, &process) {
         let spec: Value = std::fs::read_to_string(c.bundle().join("config.json"))
             .ok()
             .and_then(|t| serde_json::from_str(&t).ok())
@@ -103,11 +104,11 @@ pub fn exec(ctx: &Ctx, a: &ExecArgs) -> Result<i32, Error> {
         std::fs::write(&path, p.to_string()).map_err(|e| Error::io("writing", &path, e))?;
         process = Some(path);
     }
-    let own_console = a.tty && a.console_socket.is_none() && !a.detach;
-    let console = if own_console {
-        Some(ConsoleSocket::bind(tmp.path())?)
-    } else {
-        None
+    let console = match &tmp {
+        Some(tmp) if a.console_socket.is_none() && !a.detach => {
+            Some(ConsoleSocket::bind(tmp.path())?)
+        }
+        _ => None,
     };
     let console_path = console
         .as_ref()
