@@ -94,18 +94,10 @@ pub struct IpamConf {
     /// Range sets: the container gets one address from each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ranges: Vec<Vec<RangeConf>>,
-    /// Legacy single-range form: subnet.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subnet: Option<String>,
-    /// Legacy single-range form: first address to hand out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub range_start: Option<String>,
-    /// Legacy single-range form: last address to hand out.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub range_end: Option<String>,
-    /// Legacy single-range form: gateway.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gateway: Option<String>,
+    /// Legacy single-range form (`subnet`, `rangeStart`, `rangeEnd`,
+    /// `gateway` directly in `ipam`); an empty subnet means absent.
+    #[serde(flatten)]
+    pub legacy: RangeConf,
     /// Routes to install in the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<RouteConf>,
@@ -119,7 +111,7 @@ pub struct IpamConf {
 #[serde(rename_all = "camelCase")]
 pub struct RangeConf {
     /// CIDR the range lives in.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub subnet: String,
     /// First address to hand out; the first usable one when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -369,13 +361,8 @@ fn check_link_settings(conf: &NetConf) -> Result<(), CniError> {
 /// host-local accepts `ipam.subnet` (+ rangeStart/rangeEnd/gateway) as a
 /// single range; it goes in front of any `ranges`, as host-local does.
 fn normalise_legacy_range(ipam: &mut IpamConf) {
-    if let Some(subnet) = ipam.subnet.take() {
-        let legacy = RangeConf {
-            subnet,
-            range_start: ipam.range_start.take(),
-            range_end: ipam.range_end.take(),
-            gateway: ipam.gateway.take(),
-        };
+    if !ipam.legacy.subnet.is_empty() {
+        let legacy = std::mem::take(&mut ipam.legacy);
         ipam.ranges.insert(0, vec![legacy]);
     }
 }
@@ -745,7 +732,7 @@ mod tests {
             "ranges": [[{"subnet": "fd00::/120"}]]
         });
         let conf = parse_value(v).unwrap();
-        assert_eq!(conf.ipam.subnet, None);
+        assert_eq!(conf.ipam.legacy, RangeConf::default());
         assert_eq!(conf.ipam.ranges.len(), 2);
         assert_eq!(conf.ipam.ranges[0][0].subnet, "10.9.8.0/24");
         let r = conf.range_sets()[0].ranges[0];

@@ -82,6 +82,18 @@ impl Drop for Runtime {
     }
 }
 
+/// Runs a shell command with a terminal of its own, as a user's shell would
+/// (`script` allocates the pty); returns the output and its stdout as text.
+fn in_terminal(cmd: &str) -> (Output, String) {
+    let o = Command::new("script")
+        .args(["-qefc", cmd, "/dev/null"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    (o, out)
+}
+
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).trim().to_string()
 }
@@ -492,12 +504,7 @@ fn foreground_run_with_terminal_relays_the_pty() {
         rt.root().display(),
         b.dir().display()
     );
-    let o = Command::new("script")
-        .args(["-qefc", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let (o, out) = in_terminal(&cmd);
     assert!(out.contains("/dev/pts/0"), "{out}");
     assert!(out.contains("isatty"), "{out}");
     assert_eq!(o.status.code(), Some(4), "{out}");
@@ -545,12 +552,7 @@ fn foreground_exec_with_tty_relays_the_pty() {
         "{RUNC} --root {} exec -t x1 sh -c 'tty; test -t 0 && echo isatty; exit 5'",
         rt.root().display()
     );
-    let o = Command::new("script")
-        .args(["-qefc", &cmd, "/dev/null"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let out = String::from_utf8_lossy(&o.stdout);
+    let (o, out) = in_terminal(&cmd);
     assert!(
         out.contains("/dev/pts/0") && out.contains("isatty"),
         "{out}"
