@@ -32,6 +32,10 @@ pub mod code {
     pub const IPAM_EXHAUSTED: u32 = 100;
     /// Ours: a requested IP (runtimeConfig.ips) cannot be given.
     pub const IPAM_REQUESTED_IP_UNAVAILABLE: u32 = 101;
+    /// Ours: CHECK found the attachment differs from its ADD result.
+    pub const CHECK_FAILED: u32 = 102;
+    /// Ours: a requested host port is already forwarded to another container.
+    pub const HOST_PORT_TAKEN: u32 = 103;
 }
 
 /// A CNI error as the spec defines it: a numeric code, a short message and

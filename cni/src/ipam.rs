@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 
 use crate::error::CniError;
-use crate::netconf::{from_u128, to_u128, Range, RangeSet};
+use crate::netconf::{first_usable, from_u128, last_usable, to_u128, Range, RangeSet};
 
 /// A failure of the allocation store; always an I/O-level problem, so it
 /// maps to CNI code 5.
@@ -131,6 +131,34 @@ pub fn allocate<S: Store>(
         }
     }
     Ok(out)
+}
+
+/// Indexes of the range sets with no address left to give (STATUS reports
+/// the plugin not ready then).
+pub fn exhausted<S: Store>(store: &S, range_sets: &[RangeSet]) -> Result<Vec<usize>, CniError> {
+    let taken: Vec<IpAddr> = store.allocations()?.into_iter().map(|a| a.ip).collect();
+    Ok(range_sets
+        .iter()
+        .enumerate()
+        .filter(|(_, set)| !set.ranges.iter().any(|r| has_room(r, &taken)))
+        .map(|(index, _)| index)
+        .collect())
+}
+
+/// Counting, not scanning: a /64 range has room unless it is absurdly full.
+fn has_room(range: &Range, taken: &[IpAddr]) -> bool {
+    let first = to_u128(first_usable(range.subnet)).max(to_u128(range.range_start));
+    let last = to_u128(last_usable(range.subnet)).min(to_u128(range.range_end));
+    if last < first {
+        return false;
+    }
+    let size = last - first + 1;
+    let in_span = |ip: IpAddr| {
+        ip.is_ipv4() == range.range_start.is_ipv4() && (first..=last).contains(&to_u128(ip))
+    };
+    let gateway = u128::from(range.gateway.is_some_and(in_span));
+    let used = taken.iter().filter(|ip| in_span(**ip)).count() as u128;
+    used + gateway < size
 }
 
 /// Frees every address of (`id`, `ifname`); freeing nothing is not an error,
@@ -350,6 +378,18 @@ mod tests {
             }]
         );
         assert_eq!(store.last_reserved(0).unwrap(), Some(ip("10.0.0.2")));
+    }
+
+    #[test]
+    fn exhausted_names_full_range_sets_only() {
+        let sets = sets(json!([[{"subnet": "10.0.0.0/30"}], [{"subnet": "fd00::/64"}]]));
+        let mut store = MemStore::default();
+        assert!(exhausted(&store, &sets).unwrap().is_empty());
+        // A /30 has .1 (gateway) and .2 usable: one container fills it.
+        allocate(&mut store, &sets, "a", "eth0", &[]).unwrap();
+        assert_eq!(exhausted(&store, &sets).unwrap(), vec![0]);
+        release(&mut store, "a", "eth0").unwrap();
+        assert!(exhausted(&store, &sets).unwrap().is_empty());
     }
 
     #[test]

@@ -78,9 +78,28 @@ pub struct NetConf {
     /// Capabilities this plugin asks the runtime for (e.g. `portMappings`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub capabilities: BTreeMap<String, bool>,
+    /// GC only: the attachments the runtime still knows; everything else
+    /// this network holds is garbage.
+    #[serde(
+        rename = "cni.dev/valid-attachments",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub valid_attachments: Option<Vec<AttachmentKey>>,
     /// Typed, validated view filled in by [`parse`].
     #[serde(skip)]
     resolved: Resolved,
+}
+
+/// One (container ID, ifname) pair, as GC's `cni.dev/valid-attachments`
+/// lists them.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct AttachmentKey {
+    /// Container ID the runtime gave on ADD.
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    /// Interface name inside the container.
+    pub ifname: String,
 }
 
 /// The IPAM block. Either `ranges` or the legacy single-range `subnet` form;

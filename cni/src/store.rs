@@ -6,6 +6,7 @@
 //!     lock                    flock'ed for a whole allocation
 //!     10.22.0.5               "<containerID>\r\n<ifname>"
 //!     last_reserved_ip.0      round-robin position of range set 0
+//!     attachment.<hash>       ours: what one ADD built (JSON)
 //! ```
 //!
 //! Every write goes to a temporary file that is fsynced and renamed into
@@ -27,6 +28,8 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/cni/networks";
 
 const LOCK_FILE: &str = "lock";
 const LAST_RESERVED_PREFIX: &str = "last_reserved_ip.";
+/// Attachment records; never parse as an IP, so allocations ignore them.
+const RECORD_PREFIX: &str = "attachment.";
 const TEMP_SUFFIX: &str = ".tmp";
 /// host-local separates container ID and ifname with CRLF; we match it.
 const LINE_BREAK: &str = "\r\n";
@@ -95,8 +98,15 @@ impl FileStore {
     }
 
     /// Write temp, fsync, rename, fsync the directory: the rename is the
-    /// commit point and the directory fsync makes it durable.
-    fn write_atomically(&self, path: &Path, contents: &str) -> Result<(), StoreError> {
+    /// commit point and the directory fsync makes it durable. Without
+    /// `durable` the fsyncs are skipped: still atomic against a killed
+    /// writer, only a power loss may undo it (fine for hints).
+    fn write_atomically(
+        &self,
+        path: &Path,
+        contents: &str,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let name = path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
@@ -105,9 +115,52 @@ impl FileStore {
         let mut file = File::create(&temp).map_err(|e| io_err(&temp, e))?;
         file.write_all(contents.as_bytes())
             .map_err(|e| io_err(&temp, e))?;
-        file.sync_all().map_err(|e| io_err(&temp, e))?;
+        if durable {
+            file.sync_all().map_err(|e| io_err(&temp, e))?;
+        }
         fs::rename(&temp, path).map_err(|e| io_err(path, e))?;
-        self.sync_dir()
+        if durable {
+            self.sync_dir()?;
+        }
+        Ok(())
+    }
+
+    fn record_path(&self, key: &str) -> PathBuf {
+        self.dir.join(format!("{RECORD_PREFIX}{key}"))
+    }
+
+    /// Stores the attachment record `key` (what an ADD built, for DEL, CHECK
+    /// and GC). Records are rebuilt by the next ADD, so no fsync.
+    pub fn put_record(&self, key: &str, contents: &str) -> Result<(), StoreError> {
+        self.write_atomically(&self.record_path(key), contents, false)
+    }
+
+    /// The record `key`, if present.
+    pub fn record(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let path = self.record_path(key);
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(io_err(&path, e)),
+        }
+    }
+
+    /// Removes the record `key`; absent is fine.
+    pub fn remove_record(&self, key: &str) -> Result<(), StoreError> {
+        remove_if_present(&self.record_path(key)).map(drop)
+    }
+
+    /// Every record as (key, contents).
+    pub fn records(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let mut out = Vec::new();
+        for name in self.file_names()? {
+            if let Some(key) = name.strip_prefix(RECORD_PREFIX) {
+                if let Some(text) = self.record(key)? {
+                    out.push((key.to_owned(), text));
+                }
+            }
+        }
+        Ok(out)
     }
 
     fn sync_dir(&self) -> Result<(), StoreError> {
@@ -192,7 +245,7 @@ impl Store for FileStore {
             return Ok(false);
         }
         let contents = format!("{}{LINE_BREAK}{ifname}", id.trim());
-        self.write_atomically(&self.ip_path(ip), &contents)?;
+        self.write_atomically(&self.ip_path(ip), &contents, true)?;
         Ok(true)
     }
 
@@ -208,7 +261,8 @@ impl Store for FileStore {
     }
 
     fn set_last_reserved(&mut self, range_set: usize, ip: IpAddr) -> Result<(), StoreError> {
-        self.write_atomically(&self.last_reserved_path(range_set), &ip.to_string())
+        // Only a round-robin hint: losing it to a power cut costs nothing.
+        self.write_atomically(&self.last_reserved_path(range_set), &ip.to_string(), false)
     }
 
     fn release_by_id(&mut self, id: &str, ifname: &str) -> Result<Vec<IpAddr>, StoreError> {
