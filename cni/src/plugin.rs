@@ -465,7 +465,7 @@ fn status(conf: &NetConf) -> Result<(), CniError> {
         .map(|set| {
             set.ranges
                 .iter()
-                .map(ToString::to_string)
+                .map(|r| r.subnet.to_string())
                 .collect::<Vec<_>>()
                 .join(",")
         })
@@ -492,6 +492,7 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         })
     };
     let mut store = open_store(conf)?;
+    let mut host = Rtnl::open()?;
     for (key, text) in store.records()? {
         let Ok(record) = serde_json::from_str::<Record>(&text) else {
             store.remove_record(&key)?;
@@ -499,6 +500,13 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
         };
         if !is_valid(&record.container_id, &record.ifname) {
             remove_host_ports(&record.host_ports)?;
+            // The record names the links before they exist, so this also
+            // catches an ADD killed before it could label its veth.
+            for name in std::iter::once(&record.host_veth).chain(&record.ifb) {
+                if let Some(link) = host.link(name)? {
+                    delete_if_present(&mut host, link.index)?;
+                }
+            }
             store.remove_record(&key)?;
         }
     }
@@ -511,20 +519,24 @@ fn gc(conf: &NetConf) -> Result<(), CniError> {
     for (id, ifname) in &stale {
         ipam::release(&mut store, id, ifname)?;
     }
-    // Host veths whose attachment is gone (a killed ADD, a lost DEL).
-    let mut host = Rtnl::open()?;
+    // Links labelled for an attachment that is gone (a record lost or
+    // unreadable).
     for link in host.links()? {
         let Some((network, id, ifname)) = link.alias.as_deref().and_then(bridge::parse_alias)
         else {
             continue;
         };
         if network == conf.name && !is_valid(id, ifname) {
-            match host.delete_link(link.index) {
-                Ok(()) => {}
-                Err(err) if err.errno() == Some(nix::libc::ENODEV) => {}
-                Err(err) => return Err(err.into()),
-            }
+            delete_if_present(&mut host, link.index)?;
         }
     }
     Ok(())
+}
+
+fn delete_if_present(host: &mut Rtnl, index: u32) -> Result<(), CniError> {
+    match host.delete_link(index) {
+        Ok(()) => Ok(()),
+        Err(err) if err.errno() == Some(nix::libc::ENODEV) => Ok(()),
+        Err(err) => Err(err.into()),
+    }
 }

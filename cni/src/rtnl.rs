@@ -287,9 +287,6 @@ impl Links for Rtnl {
         }
         message
             .attributes
-            .push(LinkAttribute::IfAlias(spec.alias.to_owned()));
-        message
-            .attributes
             .push(LinkAttribute::Controller(spec.master));
         message.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
@@ -302,6 +299,22 @@ impl Links for Rtnl {
                 "create veth {} (peer {} in the container)",
                 spec.host_name, spec.peer_name
             ),
+        )?;
+        // The kernel ignores IFLA_IFALIAS when creating a link; set it now.
+        let Some(link) = self.link(spec.host_name)? else {
+            return Err(NetError::new(
+                format!("set alias of {}", spec.host_name),
+                io::Error::from_raw_os_error(nix::libc::ENODEV),
+            ));
+        };
+        let mut message = Self::link_message(link.index);
+        message
+            .attributes
+            .push(LinkAttribute::IfAlias(spec.alias.to_owned()));
+        self.ack(
+            RouteNetlinkMessage::SetLink(message),
+            0,
+            &format!("set alias of {}", spec.host_name),
         )
     }
 
