@@ -215,6 +215,17 @@ impl ImageService {
                     // the caller that started it goes away.
                     let task = tokio::spawn(async move {
                         let result = Inner::pull(&inner, &reference, &credentials).await;
+                        if result.is_err() {
+                            // Leave no garbage: what the failed pull stored
+                            // (verified blobs of an image that cannot be
+                            // used) is unreferenced and goes now.
+                            let service = ImageService {
+                                inner: inner.clone(),
+                            };
+                            if let Err(e) = service.gc().await {
+                                tracing::warn!(error = %e, "garbage collection after a failed pull");
+                            }
+                        }
                         inner
                             .inflight
                             .lock()
