@@ -347,8 +347,6 @@ pub(crate) struct ImageConfig {
     #[serde(default)]
     pub(crate) architecture: String,
     #[serde(default)]
-    pub(crate) variant: Option<String>,
-    #[serde(default)]
     pub(crate) config: Option<RunConfig>,
     pub(crate) rootfs: RootFs,
 }
@@ -576,7 +574,6 @@ impl Puller {
                 available: format!("{}/{}", config.os, config.architecture),
             });
         }
-        let _ = &config.variant;
         if config.rootfs.diff_ids.len() != layers.len() {
             return Err(invalid(
                 &name,

@@ -152,13 +152,10 @@ impl ImageService {
         let store = &self.inner.store;
         let id = image.strip_prefix("sha256:").unwrap_or(image);
         if id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            if let Some(record) = store.get_image(&format!("sha256:{id}"))? {
-                return Ok(Some(record));
-            }
-            if !image.starts_with("sha256:") {
-                // 64 hex chars could also be a repository name; fall through.
-            } else {
-                return Ok(None);
+            let record = store.get_image(&format!("sha256:{id}"))?;
+            // Bare 64 hex chars may also be a repository name: fall through.
+            if record.is_some() || image.starts_with("sha256:") {
+                return Ok(record);
             }
         }
         let reference = Reference::parse(image)?;
@@ -418,5 +415,136 @@ impl Inner {
         }
         inner.store.put_image(&record).map_err(store_err)?;
         Ok(id)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+    use crate::image::store::{sha256_digest, LayerRecord};
+
+    /// Stores an image's blobs and a fake snapshot per layer, as a pull would.
+    fn add_image(
+        service: &ImageService,
+        config: &[u8],
+        layers: &[&[u8]],
+        tag: &str,
+    ) -> ImageRecord {
+        let store = service.store();
+        let id = sha256_digest(config);
+        store.put_blob(&id, config).unwrap();
+        let manifest = [config, b"manifest"].concat();
+        let manifest_digest = sha256_digest(&manifest);
+        store.put_blob(&manifest_digest, &manifest).unwrap();
+        let mut records = Vec::new();
+        let mut diff_ids = Vec::new();
+        for layer in layers {
+            let digest = sha256_digest(layer);
+            store.put_blob(&digest, layer).unwrap();
+            diff_ids.push(digest.to_string());
+        }
+        for (layer, chain) in layers.iter().zip(unpack::chain_ids(&diff_ids)) {
+            std::fs::create_dir_all(unpack::snapshot_path(store.snapshots_dir(), &chain)).unwrap();
+            records.push(LayerRecord {
+                digest: sha256_digest(layer).to_string(),
+                size: layer.len() as u64,
+                media_type: "application/vnd.oci.image.layer.v1.tar".into(),
+                diff_id: sha256_digest(layer).to_string(),
+                chain_id: chain,
+            });
+        }
+        let reference = Reference::parse(tag).unwrap();
+        let record = ImageRecord {
+            id: id.to_string(),
+            repo_tags: vec![reference.tagged().unwrap()],
+            repo_digests: vec![reference.with_digest(&manifest_digest)],
+            manifest_digest: manifest_digest.to_string(),
+            index_digest: None,
+            layers: records,
+            size: 1,
+            user: "1000:1000".into(),
+        };
+        store.put_image(&record).unwrap();
+        record
+    }
+
+    fn count(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn status_list_remove_and_gc() {
+        let dir = tempfile::tempdir().unwrap();
+        let service = ImageService::new(dir.path(), RegistryConfig::default()).unwrap();
+        let a = add_image(&service, b"config a", &[b"base", b"a top"], "busybox");
+        let b = add_image(&service, b"config b", &[b"base"], "quay.io/x/y:2");
+
+        // Found by tag (normalised), ID (with and without sha256:) and digest.
+        let status = service.image_status("busybox:latest").unwrap().unwrap();
+        assert_eq!(status.id, a.id);
+        assert_eq!(status.uid, Some(1000));
+        assert_eq!(status.repo_tags, vec!["docker.io/library/busybox:latest"]);
+        assert_eq!(service.image_status(&a.id).unwrap(), Some(status.clone()));
+        let bare = a.id.trim_start_matches("sha256:");
+        assert_eq!(service.image_status(bare).unwrap(), Some(status.clone()));
+        assert_eq!(
+            service
+                .image_status(&b.repo_digests[0])
+                .unwrap()
+                .unwrap()
+                .id,
+            b.id
+        );
+        assert_eq!(service.image_status("busybox:2").unwrap(), None);
+        assert_eq!(
+            service
+                .image_status(&sha256_digest(b"nope").to_string())
+                .unwrap(),
+            None
+        );
+        assert!(service.image_status("Bad Ref").is_err());
+        assert_eq!(service.list_images(None).unwrap().len(), 2);
+        assert_eq!(service.list_images(Some("quay.io/x/y:2")).unwrap().len(), 1);
+        assert_eq!(service.list_images(Some("")).unwrap().len(), 2);
+
+        // Nothing unreferenced yet.
+        assert_eq!(service.gc().await.unwrap(), GcReport::default());
+        let blobs = dir.path().join("blobs/sha256");
+        let snapshots = dir.path().join("snapshots");
+        assert_eq!((count(&blobs), count(&snapshots)), (6, 2));
+
+        // Removing a by tag keeps the base layer b shares.
+        service.remove_image("busybox").await.unwrap();
+        assert_eq!(service.image_status(&a.id).unwrap(), None);
+        assert_eq!((count(&blobs), count(&snapshots)), (3, 1));
+        assert!(service.store().has_blob(&sha256_digest(b"base")));
+
+        // Unknown: success. Then the last image by ID empties the store.
+        service.remove_image("busybox").await.unwrap();
+        service.remove_image(&b.id).await.unwrap();
+        assert_eq!((count(&blobs), count(&snapshots)), (0, 0));
+        assert!(service.list_images(None).unwrap().is_empty());
+    }
+
+    #[test]
+    fn user_forms() {
+        let mut r = ImageRecord {
+            id: "sha256:x".into(),
+            repo_tags: vec![],
+            repo_digests: vec![],
+            manifest_digest: String::new(),
+            index_digest: None,
+            layers: vec![],
+            size: 0,
+            user: "nobody".into(),
+        };
+        let image = Image::from_record(&r);
+        assert_eq!((image.uid, image.username.as_str()), (None, "nobody"));
+        r.user = "0".into();
+        assert_eq!(Image::from_record(&r).uid, Some(0));
+        r.user = String::new();
+        let image = Image::from_record(&r);
+        assert_eq!((image.uid, image.username.as_str()), (None, ""));
     }
 }
