@@ -143,8 +143,14 @@ impl Registry {
 
     /// Pushes an OCI layout's tag to `repo:tag` here.
     fn push(&self, layout: &Path, tag: &str, repo: &str) -> Result<()> {
+        self.push_with(layout, tag, repo, &[])
+    }
+
+    /// `push` with extra skopeo flags (`--all`, `--format v2s2`).
+    fn push_with(&self, layout: &Path, tag: &str, repo: &str, flags: &[&str]) -> Result<()> {
         let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--insecure-policy"]);
+        cmd.args(["copy", "--quiet", "--insecure-policy"])
+            .args(flags);
         match &self.ca {
             Some(_) => {
                 cmd.arg("--dest-cert-dir")
@@ -226,46 +232,98 @@ fn sha(bytes: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(bytes)))
 }
 
-/// Writes a one-image OCI layout with hand-made (possibly hostile) layers
-/// given as plain tars; they are stored gzipped.
-fn custom_layout(dir: &Path, tag: &str, layers: &[Vec<u8>], arch: &str) -> Result<PathBuf> {
-    let layout = dir.join("custom");
-    let blobs = layout.join("blobs/sha256");
-    fs::create_dir_all(&blobs)?;
-    fs::write(
-        layout.join("oci-layout"),
-        br#"{"imageLayoutVersion":"1.0.0"}"#,
-    )?;
-    let put = |bytes: &[u8]| -> Result<(String, usize)> {
-        let digest = sha(bytes);
-        fs::write(blobs.join(digest.trim_start_matches("sha256:")), bytes)?;
-        Ok((digest, bytes.len()))
-    };
-    let mut descriptors = Vec::new();
-    let mut diff_ids = Vec::new();
-    for tar in layers {
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(tar)?;
-        let (digest, size) = put(&gz.finish()?)?;
-        descriptors.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
-        diff_ids.push(sha(tar));
+/// Writes OCI layouts with hand-made (possibly hostile) layers, given as
+/// plain tars and stored gzipped, and hand-made indexes.
+struct LayoutBuilder {
+    layout: PathBuf,
+    blobs: PathBuf,
+}
+
+impl LayoutBuilder {
+    fn new(dir: &Path) -> Result<LayoutBuilder> {
+        let layout = dir.to_owned();
+        let blobs = layout.join("blobs/sha256");
+        fs::create_dir_all(&blobs)?;
+        fs::write(
+            layout.join("oci-layout"),
+            br#"{"imageLayoutVersion":"1.0.0"}"#,
+        )?;
+        Ok(LayoutBuilder { layout, blobs })
     }
-    let config = serde_json::json!({
-        "architecture": arch, "os": "linux", "config": {"Cmd": ["sh"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids}});
-    let (config_digest, config_size) = put(&serde_json::to_vec(&config)?)?;
-    let manifest = serde_json::json!({
-        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
-        "layers": descriptors});
-    let (manifest_digest, manifest_size) = put(&serde_json::to_vec(&manifest)?)?;
-    let index = serde_json::json!({
-        "schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest,
-            "size": manifest_size, "annotations": {"org.opencontainers.image.ref.name": tag}}]});
-    fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
-    Ok(layout)
+
+    fn put(&self, bytes: &[u8]) -> Result<(String, usize)> {
+        let digest = sha(bytes);
+        fs::write(self.blobs.join(digest.trim_start_matches("sha256:")), bytes)?;
+        Ok((digest, bytes.len()))
+    }
+
+    /// Writes config and manifest; returns the manifest descriptor and the
+    /// config digest (the image ID).
+    fn image(&self, layers: &[Vec<u8>], arch: &str) -> Result<(serde_json::Value, String)> {
+        let mut descriptors = Vec::new();
+        let mut diff_ids = Vec::new();
+        for tar in layers {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(tar)?;
+            let (digest, size) = self.put(&gz.finish()?)?;
+            descriptors.push(serde_json::json!({
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}));
+            diff_ids.push(sha(tar));
+        }
+        let (os, arch, variant) = match arch.split_once('/') {
+            Some((a, v)) => ("linux", a, Some(v)),
+            None => ("linux", arch, None),
+        };
+        let config = serde_json::json!({
+            "architecture": arch, "os": os, "variant": variant, "config": {"Cmd": ["sh"], "User": "nobody"},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+        let (config_digest, config_size) = self.put(&serde_json::to_vec(&config)?)?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+            "layers": descriptors});
+        let (digest, size) = self.put(&serde_json::to_vec(&manifest)?)?;
+        let mut platform = serde_json::json!({"os": os, "architecture": arch});
+        if let Some(v) = variant {
+            platform["variant"] = v.into();
+        }
+        Ok((
+            serde_json::json!({
+                "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": digest,
+                "size": size, "platform": platform}),
+            config_digest,
+        ))
+    }
+
+    /// Writes an image index over manifest descriptors; returns its descriptor.
+    fn index(&self, manifests: &[serde_json::Value]) -> Result<serde_json::Value> {
+        let index = serde_json::json!({
+            "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": manifests});
+        let (digest, size) = self.put(&serde_json::to_vec(&index)?)?;
+        Ok(serde_json::json!({
+            "mediaType": "application/vnd.oci.image.index.v1+json", "digest": digest, "size": size}))
+    }
+
+    /// Points the layout's `tag` at a descriptor (the only entry).
+    fn tag(&self, descriptor: &serde_json::Value, tag: &str) -> Result<()> {
+        let mut entry = descriptor.clone();
+        entry["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+        if let Some(map) = entry.as_object_mut() {
+            map.remove("platform");
+        }
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [entry]});
+        fs::write(self.layout.join("index.json"), serde_json::to_vec(&index)?)?;
+        Ok(())
+    }
+}
+
+/// A one-image layout tagged `tag`.
+fn custom_layout(dir: &Path, tag: &str, layers: &[Vec<u8>], arch: &str) -> Result<PathBuf> {
+    let builder = LayoutBuilder::new(&dir.join("custom"))?;
+    let (manifest, _) = builder.image(layers, arch)?;
+    builder.tag(&manifest, tag)?;
+    Ok(builder.layout)
 }
 
 /// A tar with raw names, so `..` and absolute names can be written.
@@ -606,8 +664,13 @@ async fn manifest_for_another_platform_fails() -> Result<()> {
 }
 
 /// A proxy in front of the registry that answers the first `failures`
-/// blob requests with 500, then passes everything through.
-fn flaky_proxy(upstream: u16, failures: usize) -> Result<(u16, Arc<AtomicUsize>)> {
+/// blob requests with 500, then passes everything through, each response
+/// slowed to 16 KiB per `delay` if given.
+fn proxy(
+    upstream: u16,
+    failures: usize,
+    delay: Option<Duration>,
+) -> Result<(u16, Arc<AtomicUsize>)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     let failed = Arc::new(AtomicUsize::new(0));
@@ -646,13 +709,42 @@ fn flaky_proxy(upstream: u16, failures: usize) -> Result<(u16, Arc<AtomicUsize>)
                 server.write_all(&head)?;
                 let mut back = server.try_clone()?;
                 let mut client_back = client.try_clone()?;
-                std::thread::spawn(move || std::io::copy(&mut back, &mut client_back));
+                std::thread::spawn(move || -> std::io::Result<()> {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let n = back.read(&mut buf)?;
+                        if n == 0 {
+                            return client_back.shutdown(std::net::Shutdown::Write);
+                        }
+                        client_back.write_all(&buf[..n])?;
+                        if let Some(delay) = delay {
+                            std::thread::sleep(delay);
+                        }
+                    }
+                });
                 std::io::copy(&mut client, &mut server)?;
                 Ok(())
             });
         }
     });
     Ok((port, failed))
+}
+
+fn flaky_proxy(upstream: u16, failures: usize) -> Result<(u16, Arc<AtomicUsize>)> {
+    proxy(upstream, failures, None)
+}
+
+fn via(registry: &Registry, proxy: u16) -> RegistryConfig {
+    let mut config = config_for(registry);
+    config.hosts.insert(
+        registry.host(),
+        vec![Endpoint {
+            host: format!("127.0.0.1:{proxy}"),
+            plain_http: true,
+            ca_files: Vec::new(),
+        }],
+    );
+    config
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -666,15 +758,7 @@ async fn server_errors_are_retried() -> Result<()> {
     registry.push(&layout, "1", "bosun/busybox")?;
     let (proxy, failed) = flaky_proxy(registry.port, 2)?;
     // The image is named after the registry; its only endpoint is the proxy.
-    let mut config = config_for(&registry);
-    config.hosts.insert(
-        registry.host(),
-        vec![Endpoint {
-            host: format!("127.0.0.1:{proxy}"),
-            plain_http: true,
-            ca_files: Vec::new(),
-        }],
-    );
+    let config = via(&registry, proxy);
     let service = ImageService::new(&work.path().join("store"), config)?;
     let image = format!("{}/bosun/busybox:1", registry.host());
     ensure!(service.pull_image(&image, None).await? == info.config_digest);
@@ -686,17 +770,296 @@ async fn server_errors_are_retried() -> Result<()> {
 
     // More failures than retries: a clear server error, nothing stored.
     let (proxy, _) = flaky_proxy(registry.port, 100)?;
-    let mut config = config_for(&registry);
-    config.hosts.insert(
-        registry.host(),
-        vec![Endpoint {
-            host: format!("127.0.0.1:{proxy}"),
-            plain_http: true,
-            ca_files: Vec::new(),
-        }],
-    );
+    let config = via(&registry, proxy);
     let service = ImageService::new(&work.path().join("store2"), config)?;
     let err = registry_error(service.pull_image(&image, None).await.unwrap_err())?;
     ensure!(err.to_string().contains("500"), "{err}");
+    assert_store_empty(&service)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_platform_index_selects_ours() -> Result<()> {
+    if !gate() {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let builder = LayoutBuilder::new(&work.path().join("multi"))?;
+    let file = |content: &[u8]| hostile_tar(&[(tar::EntryType::Regular, "arch", None, content)]);
+    let (arm, _) = builder.image(&[file(b"arm64")?], "arm64")?;
+    let (armv7, _) = builder.image(&[file(b"armv7")?], "arm/v7")?;
+    let (amd, amd_id) = builder.image(&[file(b"amd64")?], "amd64")?;
+    let index = builder.index(&[arm.clone(), amd, armv7.clone()])?;
+    builder.tag(&index, "multi")?;
+    let registry = Registry::start(false)?;
+    registry.push_with(&builder.layout, "multi", "multi/arch", &["--all"])?;
+
+    let service = ImageService::new(&work.path().join("store"), config_for(&registry))?;
+    let image = format!("{}/multi/arch:multi", registry.host());
+    ensure!(service.pull_image(&image, None).await? == amd_id);
+    let status = service.image_status(&image)?.context("status")?;
+    let index_digest = index["digest"].as_str().context("digest")?;
+    ensure!(
+        status.repo_digests == vec![format!("{}/multi/arch@{index_digest}", registry.host())],
+        "repo digest is the index's: {status:?}"
+    );
+    ensure!(status.username == "nobody", "{status:?}");
+    let record = service.store().get_image(&amd_id)?.context("record")?;
+    let snapshot = service
+        .store()
+        .snapshots_dir()
+        .join(record.layers[0].chain_id.trim_start_matches("sha256:"));
+    ensure!(fs::read(snapshot.join("arch"))? == b"amd64");
+
+    // An index without linux/amd64: a clear error naming what it has.
+    let only_arm = LayoutBuilder::new(&work.path().join("arm"))?;
+    let (arm, _) = only_arm.image(&[file(b"arm64")?], "arm64")?;
+    let (armv7, _) = only_arm.image(&[file(b"armv7")?], "arm/v7")?;
+    let index = only_arm.index(&[arm, armv7])?;
+    only_arm.tag(&index, "arm")?;
+    registry.push_with(&only_arm.layout, "arm", "multi/arm", &["--all"])?;
+    let other = ImageService::new(&work.path().join("store2"), config_for(&registry))?;
+    let err = registry_error(
+        other
+            .pull_image(&format!("{}/multi/arm:arm", registry.host()), None)
+            .await
+            .unwrap_err(),
+    )?;
+    ensure!(matches!(*err, RegistryError::Platform { .. }), "{err}");
+    ensure!(
+        err.to_string().contains("linux/arm64, linux/arm/v7"),
+        "{err}"
+    );
+    assert_store_empty(&other)
+}
+
+/// Two images sharing a base layer, pushed as Docker schema2: the base
+/// snapshot is shared, and the snapshots stack into the right overlay view
+/// (whiteout hides a lower file, an opaque dir hides lower content).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_schema2_layers_stack_in_overlayfs() -> Result<()> {
+    if !gate() {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let dir = |name| (tar::EntryType::Directory, name, None, &b""[..]);
+    let base = hostile_tar(&[
+        dir("etc/"),
+        (tar::EntryType::Regular, "etc/keep", None, b"keep"),
+        (tar::EntryType::Regular, "etc/gone", None, b"gone"),
+        dir("var/"),
+        (tar::EntryType::Regular, "var/old", None, b"old"),
+    ])?;
+    let top = hostile_tar(&[
+        dir("etc/"),
+        (tar::EntryType::Regular, "etc/.wh.gone", None, b""),
+        dir("var/"),
+        (tar::EntryType::Regular, "var/.wh..wh..opq", None, b""),
+        (tar::EntryType::Regular, "var/new", None, b"new"),
+    ])?;
+    let one = LayoutBuilder::new(&work.path().join("one"))?;
+    let (m, id_two_layers) = one.image(&[base.clone(), top], "amd64")?;
+    one.tag(&m, "two")?;
+    let two = LayoutBuilder::new(&work.path().join("two"))?;
+    let (m, id_base_only) = two.image(&[base], "amd64")?;
+    two.tag(&m, "base")?;
+    let registry = Registry::start(false)?;
+    registry.push_with(&one.layout, "two", "stack/two", &["--format", "v2s2"])?;
+    registry.push_with(&two.layout, "base", "stack/base", &["--format", "v2s2"])?;
+
+    let service = ImageService::new(&work.path().join("store"), config_for(&registry))?;
+    ensure!(
+        service
+            .pull_image(&format!("{}/stack/two:two", registry.host()), None)
+            .await?
+            == id_two_layers
+    );
+    ensure!(
+        service
+            .pull_image(&format!("{}/stack/base:base", registry.host()), None)
+            .await?
+            == id_base_only
+    );
+    let snapshots = service.store().snapshots_dir();
+    ensure!(
+        fs::read_dir(snapshots)?.count() == 2,
+        "the base snapshot is shared"
+    );
+    let record = service
+        .store()
+        .get_image(&id_two_layers)?
+        .context("record")?;
+    ensure!(record.layers[0].media_type == "application/vnd.docker.image.rootfs.diff.tar.gzip");
+    let lower: Vec<PathBuf> = record
+        .layers
+        .iter()
+        .rev()
+        .map(|l| snapshots.join(l.chain_id.trim_start_matches("sha256:")))
+        .collect();
+    let merged = work.path().join("merged");
+    fs::create_dir(&merged)?;
+    let lowerdir = lower
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(":");
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!("lowerdir={lowerdir}"))
+        .arg(&merged))?;
+    let view = (|| -> Result<()> {
+        ensure!(fs::read(merged.join("etc/keep"))? == b"keep");
+        ensure!(
+            !merged.join("etc/gone").exists(),
+            "whiteout did not hide etc/gone"
+        );
+        ensure!(
+            !merged.join("var/old").exists(),
+            "opaque dir did not hide var/old"
+        );
+        ensure!(fs::read(merged.join("var/new"))? == b"new");
+        Ok(())
+    })();
+    run(Command::new("umount").arg(&merged))?;
+    view?;
+
+    // Removing the two-layer image keeps the shared base snapshot.
+    service.remove_image(&id_two_layers).await?;
+    ensure!(fs::read_dir(snapshots)?.count() == 1);
+    service.remove_image(&id_base_only).await?;
+    assert_store_empty(&service)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_endpoints_are_tried_in_order() -> Result<()> {
+    if !gate() {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let (layout, info) = busybox_layout(work.path())?;
+    let registry = Registry::start(false)?;
+    registry.push(&layout, "1", "bosun/busybox")?;
+    // First a port nobody listens on, then the registry itself.
+    let dead = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let mut config = config_for(&registry);
+    config.hosts.insert(
+        "mirrored.example".into(),
+        vec![
+            Endpoint {
+                host: format!("127.0.0.1:{dead}"),
+                plain_http: true,
+                ca_files: Vec::new(),
+            },
+            registry.endpoint(),
+        ],
+    );
+    let service = ImageService::new(&work.path().join("store"), config)?;
+    let id = service
+        .pull_image("mirrored.example/bosun/busybox:1", None)
+        .await?;
+    ensure!(id == info.config_digest);
+    let status = service
+        .image_status("mirrored.example/bosun/busybox:1")?
+        .context("status")?;
+    ensure!(
+        status.repo_tags == vec!["mirrored.example/bosun/busybox:1".to_owned()],
+        "named as asked, not as the mirror"
+    );
+    Ok(())
+}
+
+/// Env var that turns this test binary into the pull to be killed.
+const CHILD_PULL: &str = "BOSUN_TEST_CHILD_PULL";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pull_leaves_nothing_and_next_pull_completes() -> Result<()> {
+    if let Ok(spec) = std::env::var(CHILD_PULL) {
+        // Child: pull through the slow proxy until killed.
+        let mut parts = spec.split('|');
+        let (store, image, proxy_host) = (
+            parts.next().context("store")?,
+            parts.next().context("image")?,
+            parts.next().context("proxy")?,
+        );
+        let domain = image.split('/').next().context("domain")?;
+        let config = RegistryConfig {
+            hosts: HashMap::from([(
+                domain.to_owned(),
+                vec![Endpoint {
+                    host: proxy_host.to_owned(),
+                    plain_http: true,
+                    ca_files: Vec::new(),
+                }],
+            )]),
+            ..RegistryConfig::default()
+        };
+        let service = ImageService::new(Path::new(store), config)?;
+        service.pull_image(image, None).await?;
+        bail!("the pull was meant to be killed before it finished");
+    }
+    if !gate() {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let (layout, info) = busybox_layout(work.path())?;
+    let registry = Registry::start(false)?;
+    registry.push(&layout, "1", "bosun/busybox")?;
+    // ~1 MB layer at 16 KiB per 20 ms: over a second to download.
+    let (slow, _) = proxy(registry.port, 0, Some(Duration::from_millis(20)))?;
+    let store = work.path().join("store");
+    let image = format!("{}/bosun/busybox:1", registry.host());
+    let mut child = Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "killed_pull_leaves_nothing_and_next_pull_completes",
+            "--test-threads",
+            "1",
+        ])
+        .env(
+            CHILD_PULL,
+            format!("{}|{image}|127.0.0.1:{slow}", store.display()),
+        )
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    // Kill it once part of the layer is on disk.
+    let layer_hex = info.layer_digests[0]
+        .trim_start_matches("sha256:")
+        .to_owned();
+    let blobs = store.join("blobs/sha256");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let partial = loop {
+        let found = fs::read_dir(&blobs).ok().and_then(|entries| {
+            entries.flatten().find(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with(".tmp-")
+                    && name.contains(&layer_hex)
+                    && e.metadata().is_ok_and(|m| m.len() > 64 * 1024)
+            })
+        });
+        if let Some(entry) = found {
+            break entry.path();
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "the child never started writing the layer"
+        );
+        ensure!(child.try_wait()?.is_none(), "the child pull ended early");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    child.kill()?;
+    child.wait()?;
+    // Killed mid-blob: only a temp file, no blob under the layer's name,
+    // no image record, no snapshot.
+    ensure!(partial.exists());
+    ensure!(!blobs.join(&layer_hex).exists());
+    ensure!(fs::read_dir(store.join("images"))?.count() == 0);
+    ensure!(fs::read_dir(store.join("snapshots"))?.count() == 0);
+
+    // The restarted service sweeps the leftover and the pull completes.
+    let service = ImageService::new(&store, config_for(&registry))?;
+    ensure!(!partial.exists(), "leftover not swept");
+    ensure!(service.pull_image(&image, None).await? == info.config_digest);
+    ensure!(blobs.join(&layer_hex).is_file());
+    service.remove_image(&image).await?;
     assert_store_empty(&service)
 }
