@@ -31,13 +31,13 @@ pub const MEDIA_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const MEDIA_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 pub const MEDIA_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-const ACCEPTED_MANIFESTS: &[&str] = &[
+pub(crate) const ACCEPTED_MANIFESTS: &[&str] = &[
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
     MEDIA_DOCKER_LIST,
     MEDIA_DOCKER_MANIFEST,
 ];
-const LAYER_TYPES: &[&str] = &[
+pub(crate) const LAYER_TYPES: &[&str] = &[
     "application/vnd.oci.image.layer.v1.tar",
     "application/vnd.oci.image.layer.v1.tar+gzip",
     "application/vnd.oci.image.layer.v1.tar+zstd",
@@ -46,7 +46,7 @@ const LAYER_TYPES: &[&str] = &[
     "application/vnd.docker.image.rootfs.diff.tar.zstd",
 ];
 /// Manifests and configs are small; a bigger one is hostile.
-const MAX_MANIFEST_BYTES: usize = 4 << 20;
+pub(crate) const MAX_MANIFEST_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -317,27 +317,27 @@ pub struct PulledImage {
 }
 
 #[derive(Debug, Deserialize)]
-struct Descriptor {
+pub(crate) struct Descriptor {
     #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
+    pub(crate) media_type: String,
+    pub(crate) digest: String,
+    pub(crate) size: u64,
     #[serde(default)]
-    platform: Option<Platform>,
+    pub(crate) platform: Option<Platform>,
 }
 
 #[derive(Debug, Deserialize)]
-struct Manifest {
+pub(crate) struct Manifest {
     #[serde(rename = "schemaVersion")]
-    schema_version: u32,
+    pub(crate) schema_version: u32,
     #[serde(rename = "mediaType", default)]
-    media_type: Option<String>,
+    pub(crate) media_type: Option<String>,
     #[serde(default)]
-    manifests: Option<Vec<Descriptor>>,
+    pub(crate) manifests: Option<Vec<Descriptor>>,
     #[serde(default)]
-    config: Option<Descriptor>,
+    pub(crate) config: Option<Descriptor>,
     #[serde(default)]
-    layers: Option<Vec<Descriptor>>,
+    pub(crate) layers: Option<Vec<Descriptor>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -889,7 +889,7 @@ fn parse_digest(name: &str, s: &str) -> Result<Digest, RegistryError> {
         .map_err(|e: super::reference::ReferenceError| invalid(name, &e.to_string()))
 }
 
-fn parse_manifest(name: &str, bytes: &[u8]) -> Result<Manifest, RegistryError> {
+pub(crate) fn parse_manifest(name: &str, bytes: &[u8]) -> Result<Manifest, RegistryError> {
     let manifest: Manifest =
         serde_json::from_slice(bytes).map_err(|e| invalid(name, &format!("manifest: {e}")))?;
     if manifest.schema_version != 2 {
@@ -914,7 +914,7 @@ fn parse_manifest(name: &str, bytes: &[u8]) -> Result<Manifest, RegistryError> {
 
 /// The first entry for the wanted os/architecture; the variant must match
 /// when both sides give one (as containerd's default matcher does for amd64).
-fn select_platform<'a>(
+pub(crate) fn select_platform<'a>(
     name: &str,
     index: &'a Manifest,
     wanted: &Platform,

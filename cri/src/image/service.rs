@@ -18,8 +18,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
+use super::import::{self, ImportError, Imported};
 use super::reference::{Reference, ReferenceError};
-use super::registry::{AuthConfig, Puller, RegistryConfig, RegistryError};
+use super::registry::{AuthConfig, PulledImage, Puller, RegistryConfig, RegistryError};
 use super::store::{ContentStore, ImageRecord, StoreError};
 use super::unpack;
 
@@ -34,6 +35,9 @@ pub enum ServiceError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// Boxed: import errors carry paths and sources and are rare.
+    #[error("import: {0}")]
+    Import(Box<ImportError>),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -251,6 +255,67 @@ impl ImageService {
         })
     }
 
+    /// Imports the tagged images of an OCI image layout (bare tags are put
+    /// on `name`); returns their IDs. Content is verified and unpacked as
+    /// in a pull; on failure nothing of the import is left.
+    pub async fn import_oci_layout(
+        &self,
+        layout: &Path,
+        name: Option<&str>,
+    ) -> Result<Vec<String>, ServiceError> {
+        let (layout, name) = (layout.to_owned(), name.map(str::to_owned));
+        self.import(move |store, platform| {
+            import::import_oci_layout(store, &layout, name.as_deref(), platform)
+        })
+        .await
+    }
+
+    /// Imports a docker-archive tarball; returns the image IDs.
+    pub async fn import_docker_archive(&self, archive: &Path) -> Result<Vec<String>, ServiceError> {
+        let archive = archive.to_owned();
+        self.import(move |store, platform| import::import_docker_archive(store, &archive, platform))
+            .await
+    }
+
+    async fn import<F>(&self, work: F) -> Result<Vec<String>, ServiceError>
+    where
+        F: FnOnce(&ContentStore, &super::registry::Platform) -> Result<Vec<Imported>, ImportError>
+            + Send
+            + 'static,
+    {
+        let result = {
+            let _shared = self.inner.gc.read().await;
+            let inner = self.inner.clone();
+            let imported = tokio::task::spawn_blocking(move || {
+                work(&inner.store, &inner.puller.config().platform)
+            })
+            .await
+            .map_err(|e| ServiceError::Io {
+                action: "run import",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            match imported {
+                Ok(images) => {
+                    let _records = self.inner.records.lock().await;
+                    let mut ids = Vec::new();
+                    for image in &images {
+                        let id = self.inner.record(image.reference.as_ref(), &image.image)?;
+                        if !ids.contains(&id) {
+                            ids.push(id);
+                        }
+                    }
+                    Ok(ids)
+                }
+                Err(e) => Err(ServiceError::Import(Box::new(e))),
+            }
+        };
+        // Files of the archive no image uses (and everything of a failed
+        // import) are garbage.
+        self.gc().await?;
+        result
+    }
+
     /// RemoveImage: by tag, repo digest or ID; removes every name of the
     /// image. Unknown images are not an error.
     pub async fn remove_image(&self, image: &str) -> Result<(), ServiceError> {
@@ -365,55 +430,67 @@ impl Inner {
             .pull(inner.store.clone(), reference, credentials)
             .await?;
         let _records = inner.records.lock().await;
+        inner
+            .record(Some(reference), &pulled)
+            .map_err(|source| RegistryError::Store {
+                reference: reference.to_string(),
+                source,
+            })
+    }
+
+    /// Creates or updates the record of a pulled or imported image and
+    /// moves its tag onto it. Call with `records` held.
+    fn record(
+        &self,
+        reference: Option<&Reference>,
+        pulled: &PulledImage,
+    ) -> Result<String, StoreError> {
+        let inner = self;
         let id = pulled.config_digest.to_string();
-        let store_err = |source| RegistryError::Store {
-            reference: reference.to_string(),
-            source,
-        };
-        let tag = reference.tagged();
-        let repo_digest = reference.with_digest(
-            pulled
-                .index_digest
-                .as_ref()
-                .unwrap_or(&pulled.manifest_digest),
-        );
+        let tag = reference.and_then(Reference::tagged);
+        let repo_digest = reference.map(|r| {
+            r.with_digest(
+                pulled
+                    .index_digest
+                    .as_ref()
+                    .unwrap_or(&pulled.manifest_digest),
+            )
+        });
         // The tag moves: drop it from any other image.
         if let Some(tag) = &tag {
-            for mut other in inner.store.list_images().map_err(store_err)? {
+            for mut other in inner.store.list_images()? {
                 if other.id != id && other.repo_tags.contains(tag) {
                     other.repo_tags.retain(|t| t != tag);
-                    inner.store.put_image(&other).map_err(store_err)?;
+                    inner.store.put_image(&other)?;
                 }
             }
         }
-        let mut record = inner
-            .store
-            .get_image(&id)
-            .map_err(store_err)?
-            .unwrap_or_else(|| ImageRecord {
-                id: id.clone(),
-                repo_tags: Vec::new(),
-                repo_digests: Vec::new(),
-                manifest_digest: String::new(),
-                index_digest: None,
-                layers: Vec::new(),
-                size: 0,
-                user: String::new(),
-            });
+        let mut record = inner.store.get_image(&id)?.unwrap_or_else(|| ImageRecord {
+            id: id.clone(),
+            repo_tags: Vec::new(),
+            repo_digests: Vec::new(),
+            manifest_digest: String::new(),
+            index_digest: None,
+            layers: Vec::new(),
+            size: 0,
+            user: String::new(),
+        });
         record.manifest_digest = pulled.manifest_digest.to_string();
         record.index_digest = pulled.index_digest.as_ref().map(ToString::to_string);
-        record.layers = pulled.layers;
+        record.layers = pulled.layers.clone();
         record.size = pulled.size;
-        record.user = pulled.user;
+        record.user = pulled.user.clone();
         if let Some(tag) = tag {
             if !record.repo_tags.contains(&tag) {
                 record.repo_tags.push(tag);
             }
         }
-        if !record.repo_digests.contains(&repo_digest) {
-            record.repo_digests.push(repo_digest);
+        if let Some(repo_digest) = repo_digest {
+            if !record.repo_digests.contains(&repo_digest) {
+                record.repo_digests.push(repo_digest);
+            }
         }
-        inner.store.put_image(&record).map_err(store_err)?;
+        inner.store.put_image(&record)?;
         Ok(id)
     }
 }

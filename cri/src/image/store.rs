@@ -200,6 +200,44 @@ impl ContentStore {
         writer.commit()
     }
 
+    /// Stores content whose digest is not known in advance (a file from a
+    /// local archive): hashed into a temp file, named by what it hashed to.
+    pub fn ingest(&self, mut reader: impl Read) -> Result<(Digest, u64), StoreError> {
+        let temp = self.blobs.join(temp_name("ingest"));
+        let result = (|| {
+            let mut file = File::options()
+                .write(true)
+                .create_new(true)
+                .open(&temp)
+                .map_err(StoreError::io("create", &temp))?;
+            let mut hash = Sha256::new();
+            let mut size = 0u64;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = reader
+                    .read(&mut buf)
+                    .map_err(StoreError::io("read into", &temp))?;
+                if n == 0 {
+                    break;
+                }
+                file.write_all(&buf[..n])
+                    .map_err(StoreError::io("write", &temp))?;
+                hash.update(&buf[..n]);
+                size += n as u64;
+            }
+            file.sync_all().map_err(StoreError::io("sync", &temp))?;
+            let digest = Digest::sha256(&hash.finalize());
+            let dest = self.blob_path(&digest);
+            fs::rename(&temp, &dest).map_err(StoreError::io("rename into place", &dest))?;
+            sync_dir(&self.blobs)?;
+            Ok((digest, size))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&temp);
+        }
+        result
+    }
+
     pub fn read_blob(&self, digest: &Digest) -> Result<Vec<u8>, StoreError> {
         let path = self.blob_path(digest);
         fs::read(&path).map_err(StoreError::io("read blob", &path))
@@ -555,6 +593,16 @@ mod tests {
         store.remove_image(&id).unwrap();
         store.remove_image(&id).unwrap();
         assert_eq!(store.list_images().unwrap(), vec![]);
+    }
+
+    #[test]
+    fn ingest_names_content_by_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let (digest, size) = store.ingest(&b"local file"[..]).unwrap();
+        assert_eq!((digest.clone(), size), (sha256_digest(b"local file"), 10));
+        assert_eq!(store.read_blob(&digest).unwrap(), b"local file");
+        assert_eq!(visible(&dir.path().join("blobs/sha256")).len(), 1);
     }
 
     #[test]
