@@ -77,12 +77,13 @@ impl HostPort {
     }
 }
 
-/// The name of a network's masquerade chain: it changes when the network's
-/// subnets change, so a stale chain is never mistaken for the current one.
-pub fn masq_chain(network: &str, subnets: &[IpNet]) -> String {
-    let mut parts = vec![network.to_owned()];
+/// The name of a network's chain: it changes when the network's subnets or
+/// its masquerade setting change, so a stale chain is never mistaken for the
+/// current one.
+pub fn network_chain(network: &str, subnets: &[IpNet], masquerade: bool) -> String {
+    let mut parts = vec![network.to_owned(), masquerade.to_string()];
     parts.extend(subnets.iter().map(ToString::to_string));
-    format!("masq-{:012x}", crate::short_hash(&parts) & 0xffff_ffff_ffff)
+    format!("net-{:012x}", crate::short_hash(&parts) & 0xffff_ffff_ffff)
 }
 
 /// The table, its maps and the host-port chains; safe to apply any number
@@ -157,11 +158,12 @@ fn base_script() -> String {
     s
 }
 
-/// A network's masquerade chain: pod traffic leaving the pod subnets (but
-/// not multicast) leaves with the node's address, and a pod reaching a pod
-/// through a host port (hairpin included) is masqueraded so replies return
-/// through the node.
-pub fn masq_script(chain: &str, subnets: &[IpNet]) -> String {
+/// A network's chain. A pod reaching a pod through a host port (its own
+/// included: hairpin) is always masqueraded, so replies return through the
+/// node, as the reference portmap plugin does. With `masquerade` (ipMasq),
+/// pod traffic leaving the pod subnets (but not multicast) also leaves with
+/// the node's address.
+pub fn network_script(chain: &str, subnets: &[IpNet], masquerade: bool) -> String {
     let mut s = base_script();
     let _ = writeln!(
         s,
@@ -176,12 +178,14 @@ pub fn masq_script(chain: &str, subnets: &[IpNet]) -> String {
         let net = subnet.trunc();
         let _ = writeln!(
             s,
-            "add rule inet {TABLE} {chain} {family} saddr {net} {family} daddr != {net} {family} daddr != {multicast} masquerade"
-        );
-        let _ = writeln!(
-            s,
             "add rule inet {TABLE} {chain} {family} saddr {net} {family} daddr {net} ct status dnat masquerade"
         );
+        if masquerade {
+            let _ = writeln!(
+                s,
+                "add rule inet {TABLE} {chain} {family} saddr {net} {family} daddr != {net} {family} daddr != {multicast} masquerade"
+            );
+        }
     }
     s
 }
@@ -358,20 +362,25 @@ mod tests {
     }
 
     #[test]
-    fn masq_chain_name_follows_the_subnets() {
-        let a = masq_chain("net", &["10.1.0.0/24".parse().unwrap()]);
-        let b = masq_chain("net", &["10.2.0.0/24".parse().unwrap()]);
+    fn network_chain_name_follows_subnets_and_masquerade() {
+        let subnet: Vec<IpNet> = vec!["10.1.0.0/24".parse().unwrap()];
+        let a = network_chain("net", &subnet, true);
+        let b = network_chain("net", &["10.2.0.0/24".parse().unwrap()], true);
         assert_ne!(a, b);
-        assert!(a.starts_with("masq-") && a.len() == 17, "{a}");
-        assert_eq!(a, masq_chain("net", &["10.1.0.0/24".parse().unwrap()]));
+        assert_ne!(a, network_chain("net", &subnet, false));
+        assert!(a.starts_with("net-") && a.len() == 16, "{a}");
+        assert_eq!(a, network_chain("net", &subnet, true));
     }
 
     #[test]
-    fn masq_script_is_idempotent_and_covers_both_families() {
-        let script = masq_script(
-            "masq-x",
-            &["10.1.0.7/24".parse().unwrap(), "fd00::/64".parse().unwrap()],
-        );
+    fn network_script_is_idempotent_and_covers_both_families() {
+        let subnets: Vec<IpNet> =
+            vec!["10.1.0.7/24".parse().unwrap(), "fd00::/64".parse().unwrap()];
+        let hairpin_only = network_script("masq-x", &subnets, false);
+        assert!(hairpin_only
+            .contains("ip saddr 10.1.0.0/24 ip daddr 10.1.0.0/24 ct status dnat masquerade"));
+        assert!(!hairpin_only.contains("daddr != 10.1.0.0/24"));
+        let script = network_script("masq-x", &subnets, true);
         assert!(script.contains("flush chain inet bosun-cni masq-x"));
         assert!(script.contains(
             "ip saddr 10.1.0.0/24 ip daddr != 10.1.0.0/24 ip daddr != 224.0.0.0/4 masquerade"

@@ -547,7 +547,11 @@ fn check_runtime_config(rc: &RuntimeConfig) -> Result<(), CniError> {
     for (i, pm) in rc.port_mappings.iter().enumerate() {
         check_port_mapping(i, pm)?;
     }
-    if let Some(mac) = rc.mac.as_deref().filter(|m| !is_valid_mac(m)) {
+    if let Some(mac) = rc
+        .mac
+        .as_deref()
+        .filter(|m| crate::link::parse_mac(m).is_none())
+    {
         return Err(CniError::invalid_config(format!(
             "runtimeConfig.mac {mac:?} is not a MAC address like 0a:58:0a:00:00:02"
         )));
@@ -574,14 +578,6 @@ fn check_port_mapping(i: usize, pm: &PortMapping) -> Result<(), CniError> {
         parse_ip(&format!("{at}.hostIP"), host_ip)?;
     }
     Ok(())
-}
-
-fn is_valid_mac(text: &str) -> bool {
-    let parts: Vec<&str> = text.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
 /// An address as a number, so ranges of either family share one arithmetic.

@@ -268,11 +268,11 @@ fn build(
     let finish = || -> Result<(), CniError> {
         node_sysctls(conf, assigned, !record.host_ports.is_empty())?;
         let mut nft = Nft;
-        if conf.ip_masq {
+        if conf.ip_masq || !record.host_ports.is_empty() {
             let subnets = pod_subnets(conf);
-            let chain = nat::masq_chain(&conf.name, &subnets);
+            let chain = nat::network_chain(&conf.name, &subnets, conf.ip_masq);
             if !nft.chain_exists(&chain)? {
-                nft.apply(&nat::masq_script(&chain, &subnets))?;
+                nft.apply(&nat::network_script(&chain, &subnets, conf.ip_masq))?;
             }
         }
         if !record.host_ports.is_empty() {
@@ -434,7 +434,7 @@ fn check(conf: &NetConf, target: &Target) -> Result<(), CniError> {
         }
     }
     if conf.ip_masq {
-        let chain = nat::masq_chain(&conf.name, &pod_subnets(conf));
+        let chain = nat::network_chain(&conf.name, &pod_subnets(conf), true);
         if !Nft.chain_exists(&chain)? {
             drift.push(format!(
                 "masquerade chain inet {} {chain} is missing",

@@ -174,6 +174,10 @@ fn host_port_is_reachable_from_another_host_the_node_and_other_pods() -> Result<
 
     let (web, client) = (Netns::new("web")?, Netns::new("cli")?);
     let mut conf = node.conf.clone();
+    // With br_netfilter loaded (as on most nodes), a pod reaching its own
+    // host port is DNATed back out of the bridge port it came in on: that
+    // needs hairpin mode, as with the reference bridge plugin.
+    conf["hairpinMode"] = json!(true);
     conf["runtimeConfig"] = json!({"portMappings": [
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
         {"hostPort": 8053, "containerPort": 53, "protocol": "udp"}
@@ -181,11 +185,12 @@ fn host_port_is_reachable_from_another_host_the_node_and_other_pods() -> Result<
     invoke_ok(&node.ns, &plugin(), &Call::new("ADD", "web", &web), &conf)?;
     node.add("client", &client)?;
 
-    let cases: [(&Netns, &str, &str); 4] = [
+    let cases: [(&Netns, &str, &str); 5] = [
         (&other_host, "192.168.202.1", "from another host"),
         (&node.ns, "192.168.202.1", "from the node, its own address"),
         (&node.ns, "127.0.0.1", "from the node, localhost"),
         (&client, "192.168.202.1", "from another pod"),
+        (&web, "192.168.202.1", "from the pod itself (hairpin)"),
     ];
     for (from, address, what) in cases {
         let mut server = serve_once(&web, 80, "hello")?;
@@ -213,6 +218,85 @@ fn host_port_is_reachable_from_another_host_the_node_and_other_pods() -> Result<
         .ns
         .exec(&["nft", "list", "map", "inet", "bosun-cni", "hp4"])?;
     assert!(!maps.contains("8080"), "{maps}");
+    Ok(())
+}
+
+#[test]
+fn requested_ip_mac_and_mtu_are_honoured_and_masquerade_reaches_out() -> Result<()> {
+    if !privileged("CNI namespaces") {
+        return Ok(());
+    }
+    let node = Node::new("cap", "10.211.0.0/24")?;
+    let outside = Netns::new("out")?;
+    // The outside host knows no route to the pod subnet: only masquerade
+    // lets a pod's packets come back.
+    node.ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "uplink0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "uplink1",
+        "netns",
+        outside.name(),
+    ])?;
+    node.ns
+        .exec(&["ip", "addr", "add", "192.168.211.1/24", "dev", "uplink0"])?;
+    node.ns.exec(&["ip", "link", "set", "uplink0", "up"])?;
+    outside.exec(&["ip", "addr", "add", "192.168.211.2/24", "dev", "uplink1"])?;
+    outside.exec(&["ip", "link", "set", "uplink1", "up"])?;
+
+    let pod = Netns::new("pod")?;
+    let mut conf = node.conf.clone();
+    conf["mtu"] = json!(1400);
+    conf["runtimeConfig"] = json!({"ips": ["10.211.0.77/24"], "mac": "0a:58:0a:d3:00:4d"});
+    let result = invoke_ok(&node.ns, &plugin(), &Call::new("ADD", "c1", &pod), &conf)?;
+    assert_eq!(result["ips"][0]["address"], "10.211.0.77/24");
+    assert_eq!(result["interfaces"][2]["mac"], "0a:58:0a:d3:00:4d");
+    let link = pod.exec(&["ip", "-o", "link", "show", "eth0"])?;
+    assert!(
+        link.contains("mtu 1400") && link.contains("0a:58:0a:d3:00:4d"),
+        "{link}"
+    );
+    pod.exec(&["busybox", "ping", "-c", "1", "-W", "2", "192.168.211.2"])
+        .context("pod reaches outside through masquerade")?;
+
+    // Without ipMasq the same ping gets no answer.
+    let plain_node = Node::new("nom", "10.212.0.0/24")?;
+    let mut plain = plain_node.conf.clone();
+    plain["ipMasq"] = json!(false);
+    plain_node.ns.exec(&[
+        "ip",
+        "link",
+        "add",
+        "uplink0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "uplink2",
+        "netns",
+        outside.name(),
+    ])?;
+    plain_node
+        .ns
+        .exec(&["ip", "addr", "add", "192.168.212.1/24", "dev", "uplink0"])?;
+    plain_node
+        .ns
+        .exec(&["ip", "link", "set", "uplink0", "up"])?;
+    outside.exec(&["ip", "addr", "add", "192.168.212.2/24", "dev", "uplink2"])?;
+    outside.exec(&["ip", "link", "set", "uplink2", "up"])?;
+    let pod2 = Netns::new("pod2")?;
+    invoke_ok(
+        &plain_node.ns,
+        &plugin(),
+        &Call::new("ADD", "c2", &pod2),
+        &plain,
+    )?;
+    assert!(!pod2.succeeds(&["busybox", "ping", "-c", "1", "-W", "1", "192.168.212.2"]));
     Ok(())
 }
 
