@@ -3,3 +3,7 @@
 //! layer snapshots, with CRI ImageService semantics (see `image::service`).
 
 pub mod image;
+pub mod monitor;
+pub mod sandbox;
+pub mod server;
+pub mod spec;
