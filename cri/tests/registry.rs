@@ -5,12 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,219 +22,8 @@ use bosun_cri::image::registry::{AuthConfig, Endpoint, Platform, RegistryConfig,
 use bosun_cri::image::service::{ImageService, ServiceError};
 use bosun_cri::image::store::StoreError;
 use bosun_cri::image::unpack::UnpackError;
-use bosun_testsupport::layout::{self, ImageInfo};
+use common::*;
 use sha2::{Digest, Sha256};
-
-const USER: &str = "bosun";
-const PASSWORD: &str = "s3cret-pass";
-
-/// A docker-registry process with its own storage; killed on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-    /// The test CA's certificate, for TLS registries.
-    ca: Option<PathBuf>,
-    /// Whether pushes need USER:PASSWORD.
-    creds: bool,
-}
-
-impl Registry {
-    fn start(tls_auth: bool) -> Result<Registry> {
-        Registry::start_with(tls_auth, "")
-    }
-
-    /// `extra` is appended to the config (an `auth:` section).
-    fn start_with(tls_auth: bool, extra: &str) -> Result<Registry> {
-        let dir = tempfile::tempdir()?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let storage = dir.path().join("storage");
-        fs::create_dir_all(&storage)?;
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        );
-        let mut ca = None;
-        if tls_auth {
-            let d = dir.path();
-            run(Command::new("openssl").current_dir(d).args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=bosun test CA",
-            ]))?;
-            run(Command::new("openssl").current_dir(d).args([
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ]))?;
-            fs::write(
-                d.join("ext.cnf"),
-                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-            )?;
-            run(Command::new("openssl").current_dir(d).args([
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ]))?;
-            let htpasswd = run(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]))?;
-            fs::write(d.join("htpasswd"), htpasswd)?;
-            // skopeo's --dest-cert-dir wants the CA as *.crt in a directory.
-            fs::create_dir_all(d.join("certs"))?;
-            fs::copy(d.join("ca.crt"), d.join("certs/ca.crt"))?;
-            config.push_str(&format!(
-                "  tls:\n    certificate: {0}/server.crt\n    key: {0}/server.key\nauth:\n  htpasswd:\n    realm: bosun-test\n    path: {0}/htpasswd\n",
-                d.display()
-            ));
-            ca = Some(d.join("ca.crt"));
-        }
-        config.push_str(extra);
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config)?;
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start docker-registry")?;
-        let registry = Registry {
-            child,
-            port,
-            dir,
-            ca,
-            creds: tls_auth || !extra.is_empty(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "docker-registry did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(registry)
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Pushes an OCI layout's tag to `repo:tag` here.
-    fn push(&self, layout: &Path, tag: &str, repo: &str) -> Result<()> {
-        self.push_with(layout, tag, repo, &[])
-    }
-
-    /// `push` with extra skopeo flags (`--all`, `--format v2s2`).
-    fn push_with(&self, layout: &Path, tag: &str, repo: &str, flags: &[&str]) -> Result<()> {
-        let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--insecure-policy"])
-            .args(flags);
-        match &self.ca {
-            Some(_) => {
-                cmd.arg("--dest-cert-dir")
-                    .arg(self.dir.path().join("certs"));
-            }
-            None => {
-                cmd.arg("--dest-tls-verify=false");
-            }
-        }
-        if self.creds {
-            cmd.arg("--dest-creds").arg(format!("{USER}:{PASSWORD}"));
-        }
-        cmd.arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/{repo}:{tag}", self.host()));
-        run(&mut cmd).map(drop)
-    }
-
-    /// The data file of a blob in the registry's storage.
-    fn blob_data(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        Endpoint {
-            host: self.host(),
-            plain_http: self.ca.is_none(),
-            ca_files: self.ca.iter().cloned().collect(),
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out.stdout)
-}
-
-fn gate() -> bool {
-    bosun_testsupport::privileged::require_root("image pulls from a local docker-registry")
-}
-
-/// The busybox test image as an OCI layout (tag `1`).
-fn busybox_layout(dir: &Path) -> Result<(PathBuf, ImageInfo)> {
-    let rootfs = dir.join("rootfs");
-    bosun_testsupport::rootfs::busybox(&rootfs)?;
-    let layout = dir.join("layout");
-    let info = layout::write(&layout, "busybox:1", &rootfs)?;
-    Ok((layout, info))
-}
-
-fn config_for(registry: &Registry) -> RegistryConfig {
-    RegistryConfig {
-        hosts: HashMap::from([(registry.host(), vec![registry.endpoint()])]),
-        retries: 2,
-        backoff: Duration::from_millis(50),
-        ..RegistryConfig::default()
-    }
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -354,19 +145,6 @@ fn hostile_tar(entries: &[(tar::EntryType, &str, Option<&str>, &[u8])]) -> Resul
         builder.append(&h, *data)?;
     }
     Ok(builder.into_inner()?)
-}
-
-/// Nothing left in the store: no records, blobs, snapshots or temp files.
-fn assert_store_empty(service: &ImageService) -> Result<()> {
-    let root = service.store().root();
-    ensure!(service.list_images(None)?.is_empty(), "image records left");
-    for sub in ["blobs/sha256", "images", "snapshots"] {
-        let left: Vec<_> = fs::read_dir(root.join(sub))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
-        ensure!(left.is_empty(), "{sub} not empty: {left:?}");
-    }
-    Ok(())
 }
 
 fn registry_error(err: ServiceError) -> Result<Arc<RegistryError>> {

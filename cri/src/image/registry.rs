@@ -362,6 +362,39 @@ pub(crate) struct RootFs {
     pub(crate) diff_ids: Vec<String>,
 }
 
+/// Progress of a pull, for a progress bar; the same facts also go to the
+/// `tracing` log. Broadcast: joined (coalesced) pulls report once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullProgress {
+    /// The manifest is in: every layer with its size, and whether it is
+    /// already present (blob and snapshot), so nothing is fetched for it.
+    Resolved {
+        image: String,
+        layers: Vec<LayerProgress>,
+    },
+    /// Bytes of one layer blob so far (sent at most every 50 ms per blob,
+    /// and when the blob is complete).
+    Downloading {
+        image: String,
+        digest: String,
+        done: u64,
+        total: u64,
+    },
+    /// A layer is unpacked into its snapshot (index from 0, bottom layer first).
+    LayerReady {
+        image: String,
+        index: usize,
+        of: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerProgress {
+    pub digest: String,
+    pub size: u64,
+    pub present: bool,
+}
+
 /// A connected endpoint: the client and the reference rewritten to it.
 struct Remote {
     client: oci_client::Client,
@@ -374,6 +407,7 @@ pub struct Puller {
     /// One client per endpoint: it carries the endpoint's TLS roots and the
     /// bearer tokens it obtained.
     clients: Mutex<HashMap<(String, String), oci_client::Client>>,
+    progress: tokio::sync::broadcast::Sender<PullProgress>,
 }
 
 impl std::fmt::Debug for Puller {
@@ -389,7 +423,20 @@ impl Puller {
         Puller {
             config,
             clients: Mutex::new(HashMap::new()),
+            // A slow listener loses old events (it sees `Lagged`), never
+            // slows the pull.
+            progress: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Progress events of every pull from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PullProgress> {
+        self.progress.subscribe()
+    }
+
+    fn report(&self, event: PullProgress) {
+        // No listener is not an error.
+        let _ = self.progress.send(event);
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -590,6 +637,19 @@ impl Puller {
         // Fetch up to N layers at once; `buffered` yields them in order, so
         // each is unpacked as soon as it and the layers below it are in.
         let total = layers.len();
+        self.report(PullProgress::Resolved {
+            image: name.clone(),
+            layers: layers
+                .iter()
+                .zip(&chain_ids)
+                .map(|(l, chain)| LayerProgress {
+                    digest: l.digest.clone(),
+                    size: l.size,
+                    present: unpack::snapshot_path(&snapshots, chain).is_dir()
+                        && parse_digest(&name, &l.digest).is_ok_and(|d| store.has_blob(&d)),
+                })
+                .collect(),
+        });
         // (A Vec of boxed futures rather than a mapping closure: closures
         // borrowing here trip rustc's Send inference for spawned callers.)
         let mut jobs: Vec<futures_util::future::BoxFuture<'_, Result<Digest, RegistryError>>> =
@@ -657,6 +717,11 @@ impl Puller {
                 created = unpacked.created,
                 "layer ready"
             );
+            self.report(PullProgress::LayerReady {
+                image: name.clone(),
+                index: i,
+                of: total,
+            });
             lowers.push(unpacked.path);
             records.push(LayerRecord {
                 digest: digest.to_string(),
@@ -748,10 +813,20 @@ impl Puller {
                 .map_err(|source| classify(name, &what, source))?;
             let started = Instant::now();
             let mut last_report = Instant::now();
+            let mut last_event = Instant::now();
             loop {
                 match stream.next().await {
                     Some(Ok(chunk)) => {
                         writer.write_chunk(&chunk).map_err(store_err)?;
+                        if last_event.elapsed() >= Duration::from_millis(50) || writer.written() == size {
+                            last_event = Instant::now();
+                            self.report(PullProgress::Downloading {
+                                image: name.to_owned(),
+                                digest: digest.to_string(),
+                                done: writer.written(),
+                                total: size,
+                            });
+                        }
                         if last_report.elapsed() >= Duration::from_secs(2) {
                             last_report = Instant::now();
                             tracing::info!(image = name, %digest, done = writer.written(), total = size, "downloading");
