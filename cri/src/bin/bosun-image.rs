@@ -332,29 +332,37 @@ async fn pull(service: &ImageService, args: &PullArgs, progress_bar: bool) -> Re
 /// are unpacked.
 async fn show_progress(mut events: tokio::sync::broadcast::Receiver<PullProgress>, image: String) {
     use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-    let bar = ProgressBar::with_draw_target(Some(0), ProgressDrawTarget::stderr());
-    let style = ProgressStyle::with_template(
-        "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} {msg}",
-    )
-    .map(|s| s.progress_chars("=> "))
-    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    // Length unknown until the manifest is in; `wide_bar` takes what the
+    // terminal has left, so the line never wraps.
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{prefix} {msg} [{wide_bar}] {bytes}/{total_bytes}")
+        .map(|s| s.progress_chars("=> "))
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style);
     bar.set_prefix(image);
     bar.set_message("resolving");
     let _clear = ClearOnDrop(bar.clone());
+    // Bytes per layer still to fetch; config and manifests are not counted.
     let mut done: HashMap<String, u64> = HashMap::new();
     loop {
         match events.recv().await {
-            Ok(PullProgress::Resolved { layers: list, .. }) => {
-                let missing: u64 = list.iter().filter(|l| !l.present).map(|l| l.size).sum();
+            Ok(PullProgress::Resolved { layers, .. }) => {
+                done = layers
+                    .iter()
+                    .filter(|l| !l.present)
+                    .map(|l| (l.digest.clone(), 0))
+                    .collect();
+                let missing: u64 = layers.iter().filter(|l| !l.present).map(|l| l.size).sum();
                 bar.set_length(missing);
-                bar.set_message(format!("0/{} layers", list.len()));
+                bar.set_message(format!("0/{} layers", layers.len()));
             }
             Ok(PullProgress::Downloading {
                 digest, done: d, ..
             }) => {
-                done.insert(digest, d);
-                bar.set_position(done.values().sum());
+                if let Some(n) = done.get_mut(&digest) {
+                    *n = d;
+                    bar.set_position(done.values().sum());
+                }
             }
             Ok(PullProgress::LayerReady { index, of, .. }) => {
                 bar.set_message(format!("{}/{of} layers", index + 1));
