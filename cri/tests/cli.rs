@@ -253,6 +253,47 @@ fn tls_registry_with_credentials() -> Result<()> {
     Ok(())
 }
 
+/// Bearer-token registry: basic credentials go to the token server; an
+/// identity token is exchanged there (OAuth2 refresh-token grant).
+#[test]
+fn token_auth_with_creds_and_identity_token() -> Result<()> {
+    if !gate() {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let (layout, info) = busybox_layout(work.path())?;
+    let (registry, _issued) = token_registry(work.path())?;
+    registry.push(&layout, "1", "bearer/busybox")?;
+    let host = registry.host();
+    let image = format!("{host}/bearer/busybox:1");
+    let pull = |root: &str, flag: &str, value: &str| {
+        let root = work.path().join(root);
+        let args = ["pull", "--insecure-registry", &host, flag, value, &image];
+        (root, args.map(str::to_owned))
+    };
+    for (flag, wrong, right) in [
+        (
+            "--creds",
+            format!("{USER}:nope"),
+            format!("{USER}:{PASSWORD}"),
+        ),
+        (
+            "--identity-token",
+            "nope".to_owned(),
+            REFRESH_TOKEN.to_owned(),
+        ),
+    ] {
+        let (root, args) = pull(flag, flag, &wrong);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let err = fails(&root, &args)?;
+        ensure!(err.contains("authentication failed"), "{flag}: {err}");
+        let (root, args) = pull(flag, flag, &right);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        ensure!(ok(&root, &args)?.trim() == info.config_digest, "{flag}");
+    }
+    Ok(())
+}
+
 #[test]
 fn errors_are_one_line_with_exit_1() -> Result<()> {
     if !gate() {

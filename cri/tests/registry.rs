@@ -852,127 +852,6 @@ async fn killed_pull_leaves_nothing_and_next_pull_completes() -> Result<()> {
     assert_store_empty(&service)
 }
 
-/// A token server for the registry's bearer-token auth: checks basic
-/// credentials, then issues an RS256 JWT (signed with openssl) granting the
-/// requested scope. Returns its port and a count of tokens issued.
-fn token_server(dir: &Path) -> Result<(u16, Arc<AtomicUsize>)> {
-    run(Command::new("openssl").current_dir(dir).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "token.key",
-        "-out",
-        "token.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=bosun token issuer",
-    ]))?;
-    let der = run(Command::new("openssl").current_dir(dir).args([
-        "x509",
-        "-in",
-        "token.crt",
-        "-outform",
-        "DER",
-    ]))?;
-    use base64::Engine;
-    let x5c = base64::engine::general_purpose::STANDARD.encode(der);
-    let key = dir.join("token.key");
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    let issued = Arc::new(AtomicUsize::new(0));
-    let counter = issued.clone();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
-            let _ = (|| -> Result<()> {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    ensure!(client.read(&mut byte)? == 1, "eof");
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let expected = format!(
-                    "basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
-                );
-                let authorised = head.lines().any(|l| {
-                    l.to_ascii_lowercase().starts_with("authorization:")
-                        && l[14..].trim().eq_ignore_ascii_case(&expected)
-                });
-                if !authorised {
-                    client.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-                    return Ok(());
-                }
-                // scope=repository:NAME:ACTIONS (URL-encoded ':' and ',').
-                let path = head
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_owned();
-                let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
-                let mut access = Vec::new();
-                for pair in query.split('&') {
-                    if let Some(scope) = pair.strip_prefix("scope=") {
-                        let scope = scope
-                            .replace("%3A", ":")
-                            .replace("%3a", ":")
-                            .replace("%2C", ",")
-                            .replace("%2c", ",")
-                            .replace("%2F", "/")
-                            .replace("%2f", "/");
-                        let mut parts = scope.splitn(3, ':');
-                        let (kind, name, actions) = (
-                            parts.next().unwrap_or_default(),
-                            parts.next().unwrap_or_default(),
-                            parts.next().unwrap_or_default(),
-                        );
-                        access.push(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
-                    }
-                }
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_secs();
-                let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-                let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
-                let claims = serde_json::json!({
-                    "iss": "bosun-test-issuer", "sub": USER, "aud": "bosun-test-registry",
-                    "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", counter.load(Ordering::SeqCst)),
-                    "access": access});
-                let signing_input = format!(
-                    "{}.{}",
-                    b64(&serde_json::to_vec(&header)?),
-                    b64(&serde_json::to_vec(&claims)?)
-                );
-                let mut openssl = Command::new("openssl")
-                    .args(["dgst", "-sha256", "-sign"])
-                    .arg(&key)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .spawn()?;
-                openssl
-                    .stdin
-                    .take()
-                    .context("stdin")?
-                    .write_all(signing_input.as_bytes())?;
-                let signature = openssl.wait_with_output()?.stdout;
-                let token = format!("{signing_input}.{}", b64(&signature));
-                let body =
-                    serde_json::to_vec(&serde_json::json!({"token": token, "expires_in": 300}))?;
-                client.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes())?;
-                client.write_all(&body)?;
-                counter.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            })();
-        }
-    });
-    Ok((port, issued))
-}
-
 /// The WWW-Authenticate bearer challenge flow: the registry sends the client
 /// to a token server, which wants the basic credentials and issues a JWT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -982,12 +861,7 @@ async fn bearer_token_flow() -> Result<()> {
     }
     let work = tempfile::tempdir()?;
     let (layout, info) = busybox_layout(work.path())?;
-    let (token_port, issued) = token_server(work.path())?;
-    let auth = format!(
-        "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: bosun-test-registry\n    issuer: bosun-test-issuer\n    rootcertbundle: {}\n",
-        work.path().join("token.crt").display()
-    );
-    let registry = Registry::start_with(false, &auth)?;
+    let (registry, issued) = token_registry(work.path())?;
     registry.push(&layout, "1", "bearer/busybox")?;
     let image = format!("{}/bearer/busybox:1", registry.host());
 
@@ -1012,5 +886,23 @@ async fn bearer_token_flow() -> Result<()> {
         issued.load(Ordering::SeqCst) > before,
         "no token was issued for the pull"
     );
+
+    // CRI's identity_token: an OAuth2 refresh token, exchanged (POST) for
+    // an access token. A wrong one is refused and leaves nothing.
+    let fresh = ImageService::new(&work.path().join("store2"), config_for(&registry))?;
+    let wrong = AuthConfig {
+        identity_token: "not-the-token".into(),
+        ..AuthConfig::default()
+    };
+    let err = registry_error(fresh.pull_image(&image, Some(&wrong)).await.unwrap_err())?;
+    ensure!(matches!(*err, RegistryError::Unauthorized { .. }), "{err}");
+    assert_store_empty(&fresh)?;
+    let before = issued.load(Ordering::SeqCst);
+    let refresh = AuthConfig {
+        identity_token: REFRESH_TOKEN.into(),
+        ..AuthConfig::default()
+    };
+    ensure!(fresh.pull_image(&image, Some(&refresh)).await? == info.config_digest);
+    ensure!(issued.load(Ordering::SeqCst) == before + 1);
     Ok(())
 }

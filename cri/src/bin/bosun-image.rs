@@ -72,6 +72,13 @@ struct PullArgs {
     /// Registry credentials
     #[arg(long, value_name = "USER:PASS")]
     creds: Option<String>,
+    /// OAuth2 refresh token (Docker's identity token) for the registry's token server
+    #[arg(
+        long = "identity-token",
+        value_name = "TOKEN",
+        conflicts_with = "creds"
+    )]
+    identity_token: Option<String>,
     /// Platform to pick from a multi-platform image (os/arch[/variant])
     #[arg(long)]
     platform: Option<String>,
@@ -313,7 +320,13 @@ fn auth(creds: Option<&str>) -> Result<Option<AuthConfig>> {
 }
 
 async fn pull(service: &ImageService, args: &PullArgs, progress_bar: bool) -> Result<()> {
-    let auth = auth(args.creds.as_deref())?;
+    let mut auth = auth(args.creds.as_deref())?;
+    if let Some(token) = &args.identity_token {
+        auth = Some(AuthConfig {
+            identity_token: token.clone(),
+            ..AuthConfig::default()
+        });
+    }
     let bar = progress_bar.then(|| {
         let events = service.subscribe_progress();
         tokio::spawn(show_progress(events, args.image.clone()))
@@ -697,6 +710,7 @@ mod tests {
         let args = PullArgs {
             image: "reg.example:5000/a:1".into(),
             creds: None,
+            identity_token: None,
             platform: None,
             hosts: Some(r#"{"host": {"docker.io": [{"host": "reg.example:5000"}]}}"#.into()),
             insecure_registry: vec!["reg.example:5000".into()],

@@ -196,7 +196,12 @@ impl ImageService {
         auth: Option<&AuthConfig>,
     ) -> Result<String, ServiceError> {
         let reference = Reference::parse(image)?;
+        // Exchanged inside the (shared) pull, once per pull.
+        let identity = auth
+            .and_then(AuthConfig::identity_token_only)
+            .map(str::to_owned);
         let credentials = auth
+            .filter(|_| identity.is_none())
             .map(AuthConfig::credentials)
             .transpose()
             .map_err(|e| ServiceError::Pull {
@@ -206,7 +211,7 @@ impl ImageService {
             .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
         let key = format!(
             "{reference}\0{}",
-            super::store::sha256_digest(format!("{credentials:?}{auth:?}").as_bytes())
+            super::store::sha256_digest(format!("{credentials:?}{auth:?}{identity:?}").as_bytes())
         );
         let shared = {
             let mut inflight = self
@@ -227,7 +232,19 @@ impl ImageService {
                     // Spawned, so the pull finishes for the others even if
                     // the caller that started it goes away.
                     let task = tokio::spawn(async move {
-                        let result = Inner::pull(&inner, &reference, &credentials).await;
+                        let result = match identity {
+                            Some(token) => {
+                                match inner
+                                    .puller
+                                    .exchange_identity_token(&reference, &token)
+                                    .await
+                                {
+                                    Ok(bearer) => Inner::pull(&inner, &reference, &bearer).await,
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            None => Inner::pull(&inner, &reference, &credentials).await,
+                        };
                         if result.is_err() {
                             // Leave no garbage: what the failed pull stored
                             // (verified blobs of an image that cannot be
