@@ -1,7 +1,7 @@
 //! Pull benchmark: `bosun-image pull` beside containerd (`ctr images pull`)
 //! and `skopeo copy` + `umoci unpack`, all pulling the same images from the
-//! same local registry and unpacking them onto the same ext4/whatever
-//! filesystem.
+//! same local registry and unpacking them onto the same filesystem
+//! (`/var/tmp`).
 //!
 //! Setup (not timed): Debian's docker-registry on a free 127.0.0.1 port
 //! (the test suite's helper, `tests/common`), two images pushed with skopeo:
