@@ -84,6 +84,8 @@ fn main() {
         // A benchmark reports; it never fails CI.
         println!("pull bench: aborted: {e:#}");
     }
+    // Only if empty: another run may be using it.
+    let _ = fs::remove_dir(BASE);
 }
 
 #[derive(Clone, Copy, Debug)]
