@@ -152,3 +152,105 @@ fn sha_hex(bytes: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+fn skopeo_output(args: &[&str]) -> Result<String> {
+    let out = Command::new("skopeo")
+        .args(["--insecure-policy"])
+        .args(args)
+        .output()?;
+    if !out.status.success() {
+        bail!("skopeo {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// Export → import into a fresh store gives the same image: as an OCI
+/// layout (same manifest digest too, skopeo reads it; a second export adds
+/// to the layout) and as a docker-archive (skopeo and our import read it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_round_trips() -> Result<()> {
+    if !gate() {
+        return Ok(());
+    }
+    let work = tempfile::tempdir()?;
+    let rootfs = work.path().join("rootfs");
+    bosun_testsupport::rootfs::busybox(&rootfs)?;
+    let layout = work.path().join("layout");
+    let info = bosun_testsupport::layout::write(&layout, "busybox:1", &rootfs)?;
+    let service = ImageService::new(&work.path().join("store"), RegistryConfig::default())?;
+    service
+        .import_oci_layout(&layout, Some("example.com/busybox"))
+        .await?;
+
+    let out = work.path().join("exported");
+    let id = service
+        .export_oci_layout("example.com/busybox:1", &out)
+        .await?;
+    ensure!(id == info.config_digest);
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo_output(&[
+        "inspect",
+        &format!("oci:{}:1", out.display()),
+    ])?)?;
+    ensure!(
+        inspected["Digest"] == info.manifest_digest.as_str(),
+        "{inspected}"
+    );
+    ensure!(inspected["Layers"][0] == info.layer_digests[0].as_str());
+    // By ID: every tag of the image; the existing layout is added to.
+    service
+        .import_oci_layout(&layout, Some("example.com/other"))
+        .await?;
+    service.export_oci_layout(&id, &out).await?;
+    let index: serde_json::Value = serde_json::from_slice(&fs::read(out.join("index.json"))?)?;
+    let refs: Vec<&str> = index["manifests"]
+        .as_array()
+        .context("manifests")?
+        .iter()
+        .filter_map(|e| e["annotations"]["org.opencontainers.image.ref.name"].as_str())
+        .collect();
+    // busybox:1 replaced (not duplicated); other:1 named in full beside it.
+    ensure!(refs == ["1", "example.com/other:1"], "{index}");
+
+    let fresh = ImageService::new(&work.path().join("fresh"), RegistryConfig::default())?;
+    ensure!(fresh.import_oci_layout(&out, None).await? == vec![id.clone()]);
+    let status = fresh.image_status(&id)?.context("status")?;
+    ensure!(
+        status
+            .repo_digests
+            .iter()
+            .any(|d| d.ends_with(&info.manifest_digest)),
+        "{status:?}"
+    );
+
+    let archive = work.path().join("busybox.tar");
+    service
+        .export_docker_archive("example.com/busybox:1", &archive)
+        .await?;
+    let inspected: serde_json::Value = serde_json::from_str(&skopeo_output(&[
+        "inspect",
+        &format!("docker-archive:{}", archive.display()),
+    ])?)?;
+    // Layers uncompressed, as `docker save` writes them.
+    ensure!(
+        inspected["Layers"][0] == info.diff_ids[0].as_str(),
+        "{inspected}"
+    );
+    let fresh = ImageService::new(&work.path().join("fresh2"), RegistryConfig::default())?;
+    ensure!(fresh.import_docker_archive(&archive).await? == vec![id.clone()]);
+    ensure!(fresh.image_status("example.com/busybox:1")?.is_some());
+    // Nothing but the outputs: no temp files beside them.
+    let names: Vec<String> = fs::read_dir(work.path())?
+        .map(|e| Ok(e?.file_name().to_string_lossy().into_owned()))
+        .collect::<Result<_>>()?;
+    ensure!(!names.iter().any(|n| n.starts_with('.')), "{names:?}");
+
+    // An unknown image is an error, and leaves no file.
+    let missing = work.path().join("missing.tar");
+    let err = service
+        .export_docker_archive("example.com/nothing:1", &missing)
+        .await
+        .unwrap_err();
+    ensure!(matches!(err, ServiceError::NotFound(_)), "{err}");
+    ensure!(!missing.exists());
+    Ok(())
+}

@@ -5,12 +5,14 @@
 
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,219 +22,8 @@ use bosun_cri::image::registry::{AuthConfig, Endpoint, Platform, RegistryConfig,
 use bosun_cri::image::service::{ImageService, ServiceError};
 use bosun_cri::image::store::StoreError;
 use bosun_cri::image::unpack::UnpackError;
-use bosun_testsupport::layout::{self, ImageInfo};
+use common::*;
 use sha2::{Digest, Sha256};
-
-const USER: &str = "bosun";
-const PASSWORD: &str = "s3cret-pass";
-
-/// A docker-registry process with its own storage; killed on drop.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-    /// The test CA's certificate, for TLS registries.
-    ca: Option<PathBuf>,
-    /// Whether pushes need USER:PASSWORD.
-    creds: bool,
-}
-
-impl Registry {
-    fn start(tls_auth: bool) -> Result<Registry> {
-        Registry::start_with(tls_auth, "")
-    }
-
-    /// `extra` is appended to the config (an `auth:` section).
-    fn start_with(tls_auth: bool, extra: &str) -> Result<Registry> {
-        let dir = tempfile::tempdir()?;
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let storage = dir.path().join("storage");
-        fs::create_dir_all(&storage)?;
-        let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            storage.display()
-        );
-        let mut ca = None;
-        if tls_auth {
-            let d = dir.path();
-            run(Command::new("openssl").current_dir(d).args([
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.crt",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=bosun test CA",
-            ]))?;
-            run(Command::new("openssl").current_dir(d).args([
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:prime256v1",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.csr",
-                "-subj",
-                "/CN=127.0.0.1",
-            ]))?;
-            fs::write(
-                d.join("ext.cnf"),
-                "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-            )?;
-            run(Command::new("openssl").current_dir(d).args([
-                "x509",
-                "-req",
-                "-in",
-                "server.csr",
-                "-CA",
-                "ca.crt",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                "server.crt",
-                "-days",
-                "2",
-                "-extfile",
-                "ext.cnf",
-            ]))?;
-            let htpasswd = run(Command::new("htpasswd").args(["-Bbn", USER, PASSWORD]))?;
-            fs::write(d.join("htpasswd"), htpasswd)?;
-            // skopeo's --dest-cert-dir wants the CA as *.crt in a directory.
-            fs::create_dir_all(d.join("certs"))?;
-            fs::copy(d.join("ca.crt"), d.join("certs/ca.crt"))?;
-            config.push_str(&format!(
-                "  tls:\n    certificate: {0}/server.crt\n    key: {0}/server.key\nauth:\n  htpasswd:\n    realm: bosun-test\n    path: {0}/htpasswd\n",
-                d.display()
-            ));
-            ca = Some(d.join("ca.crt"));
-        }
-        config.push_str(extra);
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config)?;
-        let child = Command::new("/usr/bin/docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("start docker-registry")?;
-        let registry = Registry {
-            child,
-            port,
-            dir,
-            ca,
-            creds: tls_auth || !extra.is_empty(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            ensure!(
-                Instant::now() < deadline,
-                "docker-registry did not listen on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(registry)
-    }
-
-    fn host(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Pushes an OCI layout's tag to `repo:tag` here.
-    fn push(&self, layout: &Path, tag: &str, repo: &str) -> Result<()> {
-        self.push_with(layout, tag, repo, &[])
-    }
-
-    /// `push` with extra skopeo flags (`--all`, `--format v2s2`).
-    fn push_with(&self, layout: &Path, tag: &str, repo: &str, flags: &[&str]) -> Result<()> {
-        let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--quiet", "--insecure-policy"])
-            .args(flags);
-        match &self.ca {
-            Some(_) => {
-                cmd.arg("--dest-cert-dir")
-                    .arg(self.dir.path().join("certs"));
-            }
-            None => {
-                cmd.arg("--dest-tls-verify=false");
-            }
-        }
-        if self.creds {
-            cmd.arg("--dest-creds").arg(format!("{USER}:{PASSWORD}"));
-        }
-        cmd.arg(format!("oci:{}:{tag}", layout.display()))
-            .arg(format!("docker://{}/{repo}:{tag}", self.host()));
-        run(&mut cmd).map(drop)
-    }
-
-    /// The data file of a blob in the registry's storage.
-    fn blob_data(&self, digest: &str) -> PathBuf {
-        let hex = digest.trim_start_matches("sha256:");
-        self.dir
-            .path()
-            .join("storage/docker/registry/v2/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex)
-            .join("data")
-    }
-
-    fn endpoint(&self) -> Endpoint {
-        Endpoint {
-            host: self.host(),
-            plain_http: self.ca.is_none(),
-            ca_files: self.ca.iter().cloned().collect(),
-        }
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn run(cmd: &mut Command) -> Result<Vec<u8>> {
-    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
-    if !out.status.success() {
-        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out.stdout)
-}
-
-fn gate() -> bool {
-    bosun_testsupport::privileged::require_root("image pulls from a local docker-registry")
-}
-
-/// The busybox test image as an OCI layout (tag `1`).
-fn busybox_layout(dir: &Path) -> Result<(PathBuf, ImageInfo)> {
-    let rootfs = dir.join("rootfs");
-    bosun_testsupport::rootfs::busybox(&rootfs)?;
-    let layout = dir.join("layout");
-    let info = layout::write(&layout, "busybox:1", &rootfs)?;
-    Ok((layout, info))
-}
-
-fn config_for(registry: &Registry) -> RegistryConfig {
-    RegistryConfig {
-        hosts: HashMap::from([(registry.host(), vec![registry.endpoint()])]),
-        retries: 2,
-        backoff: Duration::from_millis(50),
-        ..RegistryConfig::default()
-    }
-}
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -354,19 +145,6 @@ fn hostile_tar(entries: &[(tar::EntryType, &str, Option<&str>, &[u8])]) -> Resul
         builder.append(&h, *data)?;
     }
     Ok(builder.into_inner()?)
-}
-
-/// Nothing left in the store: no records, blobs, snapshots or temp files.
-fn assert_store_empty(service: &ImageService) -> Result<()> {
-    let root = service.store().root();
-    ensure!(service.list_images(None)?.is_empty(), "image records left");
-    for sub in ["blobs/sha256", "images", "snapshots"] {
-        let left: Vec<_> = fs::read_dir(root.join(sub))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()?;
-        ensure!(left.is_empty(), "{sub} not empty: {left:?}");
-    }
-    Ok(())
 }
 
 fn registry_error(err: ServiceError) -> Result<Arc<RegistryError>> {
@@ -1074,127 +852,6 @@ async fn killed_pull_leaves_nothing_and_next_pull_completes() -> Result<()> {
     assert_store_empty(&service)
 }
 
-/// A token server for the registry's bearer-token auth: checks basic
-/// credentials, then issues an RS256 JWT (signed with openssl) granting the
-/// requested scope. Returns its port and a count of tokens issued.
-fn token_server(dir: &Path) -> Result<(u16, Arc<AtomicUsize>)> {
-    run(Command::new("openssl").current_dir(dir).args([
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "token.key",
-        "-out",
-        "token.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=bosun token issuer",
-    ]))?;
-    let der = run(Command::new("openssl").current_dir(dir).args([
-        "x509",
-        "-in",
-        "token.crt",
-        "-outform",
-        "DER",
-    ]))?;
-    use base64::Engine;
-    let x5c = base64::engine::general_purpose::STANDARD.encode(der);
-    let key = dir.join("token.key");
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    let issued = Arc::new(AtomicUsize::new(0));
-    let counter = issued.clone();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(mut client) = client else { continue };
-            let _ = (|| -> Result<()> {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    ensure!(client.read(&mut byte)? == 1, "eof");
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
-                let expected = format!(
-                    "basic {}",
-                    base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
-                );
-                let authorised = head.lines().any(|l| {
-                    l.to_ascii_lowercase().starts_with("authorization:")
-                        && l[14..].trim().eq_ignore_ascii_case(&expected)
-                });
-                if !authorised {
-                    client.write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-                    return Ok(());
-                }
-                // scope=repository:NAME:ACTIONS (URL-encoded ':' and ',').
-                let path = head
-                    .split_whitespace()
-                    .nth(1)
-                    .unwrap_or_default()
-                    .to_owned();
-                let query = path.split_once('?').map(|(_, q)| q).unwrap_or_default();
-                let mut access = Vec::new();
-                for pair in query.split('&') {
-                    if let Some(scope) = pair.strip_prefix("scope=") {
-                        let scope = scope
-                            .replace("%3A", ":")
-                            .replace("%3a", ":")
-                            .replace("%2C", ",")
-                            .replace("%2c", ",")
-                            .replace("%2F", "/")
-                            .replace("%2f", "/");
-                        let mut parts = scope.splitn(3, ':');
-                        let (kind, name, actions) = (
-                            parts.next().unwrap_or_default(),
-                            parts.next().unwrap_or_default(),
-                            parts.next().unwrap_or_default(),
-                        );
-                        access.push(serde_json::json!({"type": kind, "name": name, "actions": actions.split(',').collect::<Vec<_>>()}));
-                    }
-                }
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)?
-                    .as_secs();
-                let b64 = |v: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-                let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [x5c]});
-                let claims = serde_json::json!({
-                    "iss": "bosun-test-issuer", "sub": USER, "aud": "bosun-test-registry",
-                    "exp": now + 300, "nbf": now - 10, "iat": now, "jti": format!("{now}-{}", counter.load(Ordering::SeqCst)),
-                    "access": access});
-                let signing_input = format!(
-                    "{}.{}",
-                    b64(&serde_json::to_vec(&header)?),
-                    b64(&serde_json::to_vec(&claims)?)
-                );
-                let mut openssl = Command::new("openssl")
-                    .args(["dgst", "-sha256", "-sign"])
-                    .arg(&key)
-                    .stdin(Stdio::piped())
-                    .stdout(Stdio::piped())
-                    .spawn()?;
-                openssl
-                    .stdin
-                    .take()
-                    .context("stdin")?
-                    .write_all(signing_input.as_bytes())?;
-                let signature = openssl.wait_with_output()?.stdout;
-                let token = format!("{signing_input}.{}", b64(&signature));
-                let body =
-                    serde_json::to_vec(&serde_json::json!({"token": token, "expires_in": 300}))?;
-                client.write_all(format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).as_bytes())?;
-                client.write_all(&body)?;
-                counter.fetch_add(1, Ordering::SeqCst);
-                Ok(())
-            })();
-        }
-    });
-    Ok((port, issued))
-}
-
 /// The WWW-Authenticate bearer challenge flow: the registry sends the client
 /// to a token server, which wants the basic credentials and issues a JWT.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1204,12 +861,7 @@ async fn bearer_token_flow() -> Result<()> {
     }
     let work = tempfile::tempdir()?;
     let (layout, info) = busybox_layout(work.path())?;
-    let (token_port, issued) = token_server(work.path())?;
-    let auth = format!(
-        "auth:\n  token:\n    realm: http://127.0.0.1:{token_port}/token\n    service: bosun-test-registry\n    issuer: bosun-test-issuer\n    rootcertbundle: {}\n",
-        work.path().join("token.crt").display()
-    );
-    let registry = Registry::start_with(false, &auth)?;
+    let (registry, issued) = token_registry(work.path())?;
     registry.push(&layout, "1", "bearer/busybox")?;
     let image = format!("{}/bearer/busybox:1", registry.host());
 
@@ -1234,5 +886,23 @@ async fn bearer_token_flow() -> Result<()> {
         issued.load(Ordering::SeqCst) > before,
         "no token was issued for the pull"
     );
+
+    // CRI's identity_token: an OAuth2 refresh token, exchanged (POST) for
+    // an access token. A wrong one is refused and leaves nothing.
+    let fresh = ImageService::new(&work.path().join("store2"), config_for(&registry))?;
+    let wrong = AuthConfig {
+        identity_token: "not-the-token".into(),
+        ..AuthConfig::default()
+    };
+    let err = registry_error(fresh.pull_image(&image, Some(&wrong)).await.unwrap_err())?;
+    ensure!(matches!(*err, RegistryError::Unauthorized { .. }), "{err}");
+    assert_store_empty(&fresh)?;
+    let before = issued.load(Ordering::SeqCst);
+    let refresh = AuthConfig {
+        identity_token: REFRESH_TOKEN.into(),
+        ..AuthConfig::default()
+    };
+    ensure!(fresh.pull_image(&image, Some(&refresh)).await? == info.config_digest);
+    ensure!(issued.load(Ordering::SeqCst) == before + 1);
     Ok(())
 }

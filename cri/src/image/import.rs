@@ -21,8 +21,9 @@ use super::registry::{
 use super::store::{copy_into, sha256_digest, ContentStore, LayerRecord, StoreError};
 use super::unpack::{self, UnpackError};
 
-const REF_NAME: &str = "org.opencontainers.image.ref.name";
-const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub(crate) const REF_NAME: &str = "org.opencontainers.image.ref.name";
+pub(crate) const CONTAINERD_NAME: &str = "io.containerd.image.name";
+pub(crate) const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
 const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
@@ -94,11 +95,13 @@ pub fn import_oci_layout(
     })?;
     let mut out = Vec::new();
     for entry in &index.manifests {
-        let Some(tag) = entry.annotations.get(REF_NAME) else {
+        // containerd (and our export) put the full name beside a bare tag.
+        let full = entry.annotations.get(CONTAINERD_NAME);
+        let Some(tag) = full.or_else(|| entry.annotations.get(REF_NAME)) else {
             tracing::warn!(digest = %entry.digest, "layout entry without a ref.name: skipped");
             continue;
         };
-        let reference = if tag.contains('/') || tag.contains('@') {
+        let reference = if full.is_some() || tag.contains('/') || tag.contains('@') {
             Reference::parse(tag)?
         } else {
             let base = name.ok_or_else(|| ImportError::Invalid {

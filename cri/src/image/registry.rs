@@ -293,14 +293,22 @@ impl AuthConfig {
             return Ok(RegistryAuth::Basic(user.to_owned(), pass.to_owned()));
         }
         if !self.identity_token.is_empty() {
-            // An identity token is an OAuth2 refresh token to exchange at the
-            // token server (POST grant_type=refresh_token); oci-client has no
-            // such flow yet.
+            // Exchanged for an access token per registry first: see
+            // `identity_token_only` and `Puller::exchange_identity_token`.
             return Err(RegistryError::Credentials(
-                "identity_token (OAuth2 refresh token) is not supported yet".to_owned(),
+                "an identity_token must be exchanged at the registry's token server first"
+                    .to_owned(),
             ));
         }
         Ok(RegistryAuth::Anonymous)
+    }
+
+    /// The identity token, when it is the credential to use (nothing that
+    /// takes precedence over it is set).
+    pub fn identity_token_only(&self) -> Option<&str> {
+        let other =
+            !self.registry_token.is_empty() || !self.username.is_empty() || !self.auth.is_empty();
+        (!other && !self.identity_token.is_empty()).then_some(self.identity_token.as_str())
     }
 }
 
@@ -362,6 +370,39 @@ pub(crate) struct RootFs {
     pub(crate) diff_ids: Vec<String>,
 }
 
+/// Progress of a pull, for a progress bar; the same facts also go to the
+/// `tracing` log. Broadcast: joined (coalesced) pulls report once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PullProgress {
+    /// The manifest is in: every layer with its size, and whether it is
+    /// already present (blob and snapshot), so nothing is fetched for it.
+    Resolved {
+        image: String,
+        layers: Vec<LayerProgress>,
+    },
+    /// Bytes of one layer blob so far (sent at most every 50 ms per blob,
+    /// and when the blob is complete).
+    Downloading {
+        image: String,
+        digest: String,
+        done: u64,
+        total: u64,
+    },
+    /// A layer is unpacked into its snapshot (index from 0, bottom layer first).
+    LayerReady {
+        image: String,
+        index: usize,
+        of: usize,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerProgress {
+    pub digest: String,
+    pub size: u64,
+    pub present: bool,
+}
+
 /// A connected endpoint: the client and the reference rewritten to it.
 struct Remote {
     client: oci_client::Client,
@@ -374,6 +415,7 @@ pub struct Puller {
     /// One client per endpoint: it carries the endpoint's TLS roots and the
     /// bearer tokens it obtained.
     clients: Mutex<HashMap<(String, String), oci_client::Client>>,
+    progress: tokio::sync::broadcast::Sender<PullProgress>,
 }
 
 impl std::fmt::Debug for Puller {
@@ -389,7 +431,20 @@ impl Puller {
         Puller {
             config,
             clients: Mutex::new(HashMap::new()),
+            // A slow listener loses old events (it sees `Lagged`), never
+            // slows the pull.
+            progress: tokio::sync::broadcast::channel(1024).0,
         }
+    }
+
+    /// Progress events of every pull from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<PullProgress> {
+        self.progress.subscribe()
+    }
+
+    fn report(&self, event: PullProgress) {
+        // No listener is not an error.
+        let _ = self.progress.send(event);
     }
 
     pub fn config(&self) -> &RegistryConfig {
@@ -436,6 +491,134 @@ impl Puller {
             .map_err(|e| RegistryError::Config(format!("endpoint {}: {e}", endpoint.host)))?;
         clients.insert(key, client.clone());
         Ok(client)
+    }
+
+    /// Docker's identity token is an OAuth2 refresh token: the registry's
+    /// bearer challenge (on `/v2/`) names the token realm, where we POST
+    /// `grant_type=refresh_token` for a pull-scoped access token, used as a
+    /// bearer token from then on. Endpoints are tried in order. A registry
+    /// that asks for no bearer token gets an anonymous pull.
+    pub async fn exchange_identity_token(
+        &self,
+        reference: &Reference,
+        refresh_token: &str,
+    ) -> Result<RegistryAuth, RegistryError> {
+        let mut last = None;
+        for endpoint in self.config.endpoints(reference.domain()) {
+            match self.exchange_at(&endpoint, reference, refresh_token).await {
+                Ok(auth) => return Ok(auth),
+                Err(e @ RegistryError::Unauthorized { .. }) => return Err(e),
+                Err(e) => {
+                    tracing::warn!(endpoint = %endpoint.host, error = %e, "token exchange failed");
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            RegistryError::Config(format!("no endpoints for {}", reference.domain()))
+        }))
+    }
+
+    async fn exchange_at(
+        &self,
+        endpoint: &Endpoint,
+        reference: &Reference,
+        refresh_token: &str,
+    ) -> Result<RegistryAuth, RegistryError> {
+        let name = reference.to_string();
+        let fail = |detail: String| RegistryError::Task {
+            reference: name.clone(),
+            detail: format!("identity token exchange: {detail}"),
+        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(self.config.connect_timeout)
+            .read_timeout(self.config.read_timeout);
+        let mut roots = Vec::new();
+        for file in &endpoint.ca_files {
+            let pem = std::fs::read(file).map_err(|e| {
+                RegistryError::Config(format!("read CA file {}: {e}", file.display()))
+            })?;
+            roots.push(
+                reqwest::Certificate::from_pem(&pem).map_err(|e| {
+                    RegistryError::Config(format!("CA file {}: {e}", file.display()))
+                })?,
+            );
+        }
+        if !roots.is_empty() {
+            builder = builder.tls_certs_merge(roots);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| RegistryError::Config(format!("endpoint {}: {e}", endpoint.host)))?;
+        let scheme = if endpoint.plain_http { "http" } else { "https" };
+        let ping = client
+            .get(format!("{scheme}://{}/v2/", endpoint.host))
+            .send()
+            .await
+            .map_err(|e| {
+                fail(format!(
+                    "GET /v2/ on {}: {}",
+                    endpoint.host,
+                    error_chain(&e)
+                ))
+            })?;
+        let challenge = ping
+            .headers()
+            .get(reqwest::header::WWW_AUTHENTICATE)
+            .and_then(|h| h.to_str().ok())
+            .and_then(parse_bearer_challenge);
+        let Some(params) = challenge else {
+            return Ok(RegistryAuth::Anonymous);
+        };
+        let realm = params
+            .get("realm")
+            .ok_or_else(|| fail("bearer challenge without a realm".to_owned()))?;
+        let scope = format!("repository:{}:pull", reference.repository());
+        let mut form = vec![
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token),
+            ("client_id", "bosun"),
+            ("scope", scope.as_str()),
+        ];
+        if let Some(service) = params.get("service") {
+            form.push(("service", service));
+        }
+        let response = client
+            .post(realm)
+            .form(&form)
+            .send()
+            .await
+            .map_err(|e| fail(format!("POST {realm}: {}", error_chain(&e))))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
+            return Err(RegistryError::Unauthorized {
+                reference: name.clone(),
+                detail: format!("token server {realm} refused the identity token ({status})"),
+            });
+        }
+        if !status.is_success() {
+            return Err(fail(format!("token server {realm}: {status}")));
+        }
+        #[derive(Deserialize)]
+        struct TokenResponse {
+            #[serde(default)]
+            access_token: String,
+            #[serde(default)]
+            token: String,
+        }
+        let body: TokenResponse = response
+            .json()
+            .await
+            .map_err(|e| fail(format!("token server {realm}: {e}")))?;
+        let token = if body.access_token.is_empty() {
+            body.token
+        } else {
+            body.access_token
+        };
+        if token.is_empty() {
+            return Err(fail(format!("token server {realm} returned no token")));
+        }
+        Ok(RegistryAuth::Bearer(token))
     }
 
     /// Pulls `reference` into `store`: manifest, config and layers verified
@@ -590,6 +773,19 @@ impl Puller {
         // Fetch up to N layers at once; `buffered` yields them in order, so
         // each is unpacked as soon as it and the layers below it are in.
         let total = layers.len();
+        self.report(PullProgress::Resolved {
+            image: name.clone(),
+            layers: layers
+                .iter()
+                .zip(&chain_ids)
+                .map(|(l, chain)| LayerProgress {
+                    digest: l.digest.clone(),
+                    size: l.size,
+                    present: unpack::snapshot_path(&snapshots, chain).is_dir()
+                        && parse_digest(&name, &l.digest).is_ok_and(|d| store.has_blob(&d)),
+                })
+                .collect(),
+        });
         // (A Vec of boxed futures rather than a mapping closure: closures
         // borrowing here trip rustc's Send inference for spawned callers.)
         let mut jobs: Vec<futures_util::future::BoxFuture<'_, Result<Digest, RegistryError>>> =
@@ -657,6 +853,11 @@ impl Puller {
                 created = unpacked.created,
                 "layer ready"
             );
+            self.report(PullProgress::LayerReady {
+                image: name.clone(),
+                index: i,
+                of: total,
+            });
             lowers.push(unpacked.path);
             records.push(LayerRecord {
                 digest: digest.to_string(),
@@ -748,10 +949,20 @@ impl Puller {
                 .map_err(|source| classify(name, &what, source))?;
             let started = Instant::now();
             let mut last_report = Instant::now();
+            let mut last_event = Instant::now();
             loop {
                 match stream.next().await {
                     Some(Ok(chunk)) => {
                         writer.write_chunk(&chunk).map_err(store_err)?;
+                        if last_event.elapsed() >= Duration::from_millis(50) || writer.written() == size {
+                            last_event = Instant::now();
+                            self.report(PullProgress::Downloading {
+                                image: name.to_owned(),
+                                digest: digest.to_string(),
+                                done: writer.written(),
+                                total: size,
+                            });
+                        }
                         if last_report.elapsed() >= Duration::from_secs(2) {
                             last_report = Instant::now();
                             tracing::info!(image = name, %digest, done = writer.written(), total = size, "downloading");
@@ -812,6 +1023,42 @@ impl Puller {
             }
         }
     }
+}
+
+/// `Bearer realm="…",service="…",scope="…"` → its parameters; None for
+/// any other scheme.
+fn parse_bearer_challenge(header: &str) -> Option<HashMap<String, String>> {
+    let rest = header.trim();
+    let (scheme, rest) = rest.split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = HashMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let (key, after) = rest.split_once('=')?;
+        let (value, after) = match after.strip_prefix('"') {
+            Some(quoted) => {
+                let end = quoted.find('"')?;
+                (&quoted[..end], &quoted[end + 1..])
+            }
+            None => after.split_once(',').unwrap_or((after, "")),
+        };
+        params.insert(key.trim().to_ascii_lowercase(), value.to_owned());
+        rest = after.trim_start_matches([',', ' ']);
+    }
+    Some(params)
+}
+
+/// An HTTP error with its causes (reqwest's own message hides them).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out = format!("{out}: {s}");
+        source = s.source();
+    }
+    out
 }
 
 /// Distinguishes credentials in the client cache key without keeping the
@@ -977,6 +1224,28 @@ mod tests {
             architecture: arch.into(),
             variant: variant.map(Into::into),
         }
+    }
+
+    #[test]
+    fn parses_bearer_challenges() {
+        let p = parse_bearer_challenge(
+            r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#,
+        )
+        .unwrap();
+        assert_eq!(p["realm"], "https://auth.example/token");
+        assert_eq!(p["service"], "registry.example");
+        assert_eq!(p["scope"], "repository:a/b:pull,push");
+        assert!(parse_bearer_challenge(r#"Basic realm="x""#).is_none());
+        let a = AuthConfig {
+            identity_token: "t".into(),
+            ..AuthConfig::default()
+        };
+        assert_eq!(a.identity_token_only(), Some("t"));
+        let b = AuthConfig {
+            username: "u".into(),
+            ..a
+        };
+        assert_eq!(b.identity_token_only(), None);
     }
 
     #[test]

@@ -18,9 +18,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 
+use super::export::{self, ExportError};
 use super::import::{self, ImportError, Imported};
 use super::reference::{Reference, ReferenceError};
-use super::registry::{AuthConfig, PulledImage, Puller, RegistryConfig, RegistryError};
+use super::registry::{
+    AuthConfig, PullProgress, PulledImage, Puller, RegistryConfig, RegistryError,
+};
 use super::store::{ContentStore, ImageRecord, StoreError};
 use super::unpack;
 
@@ -38,6 +41,10 @@ pub enum ServiceError {
     /// Boxed: import errors carry paths and sources and are rare.
     #[error("import: {0}")]
     Import(Box<ImportError>),
+    #[error("export: {0}")]
+    Export(Box<ExportError>),
+    #[error("image {0:?} not found")]
+    NotFound(String),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -127,6 +134,11 @@ impl ImageService {
         })
     }
 
+    /// Progress events of every pull from now on (see [`PullProgress`]).
+    pub fn subscribe_progress(&self) -> tokio::sync::broadcast::Receiver<PullProgress> {
+        self.inner.puller.subscribe()
+    }
+
     pub fn store(&self) -> &ContentStore {
         &self.inner.store
     }
@@ -184,7 +196,12 @@ impl ImageService {
         auth: Option<&AuthConfig>,
     ) -> Result<String, ServiceError> {
         let reference = Reference::parse(image)?;
+        // Exchanged inside the (shared) pull, once per pull.
+        let identity = auth
+            .and_then(AuthConfig::identity_token_only)
+            .map(str::to_owned);
         let credentials = auth
+            .filter(|_| identity.is_none())
             .map(AuthConfig::credentials)
             .transpose()
             .map_err(|e| ServiceError::Pull {
@@ -194,7 +211,7 @@ impl ImageService {
             .unwrap_or(oci_client::secrets::RegistryAuth::Anonymous);
         let key = format!(
             "{reference}\0{}",
-            super::store::sha256_digest(format!("{credentials:?}{auth:?}").as_bytes())
+            super::store::sha256_digest(format!("{credentials:?}{auth:?}{identity:?}").as_bytes())
         );
         let shared = {
             let mut inflight = self
@@ -215,7 +232,19 @@ impl ImageService {
                     // Spawned, so the pull finishes for the others even if
                     // the caller that started it goes away.
                     let task = tokio::spawn(async move {
-                        let result = Inner::pull(&inner, &reference, &credentials).await;
+                        let result = match identity {
+                            Some(token) => {
+                                match inner
+                                    .puller
+                                    .exchange_identity_token(&reference, &token)
+                                    .await
+                                {
+                                    Ok(bearer) => Inner::pull(&inner, &reference, &bearer).await,
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            None => Inner::pull(&inner, &reference, &credentials).await,
+                        };
                         if result.is_err() {
                             // Leave no garbage: what the failed pull stored
                             // (verified blobs of an image that cannot be
@@ -314,6 +343,65 @@ impl ImageService {
         // import) are garbage.
         self.gc().await?;
         result
+    }
+
+    /// Exports an image (by tag, repo digest or ID) into an OCI layout
+    /// directory; returns its ID. By tag it carries that tag, otherwise all
+    /// of its tags.
+    pub async fn export_oci_layout(&self, image: &str, dir: &Path) -> Result<String, ServiceError> {
+        let dir = dir.to_owned();
+        self.export(image, move |store, record, names| {
+            export::export_oci_layout(store, record, names, &dir)
+        })
+        .await
+    }
+
+    /// Exports an image as a docker-archive tarball; returns its ID.
+    pub async fn export_docker_archive(
+        &self,
+        image: &str,
+        file: &Path,
+    ) -> Result<String, ServiceError> {
+        let file = file.to_owned();
+        self.export(image, move |store, record, names| {
+            export::export_docker_archive(store, record, names, &file)
+        })
+        .await
+    }
+
+    async fn export<F>(&self, image: &str, work: F) -> Result<String, ServiceError>
+    where
+        F: FnOnce(&ContentStore, &ImageRecord, &[Reference]) -> Result<(), ExportError>
+            + Send
+            + 'static,
+    {
+        // GC must not take blobs from under the copy.
+        let _shared = self.inner.gc.read().await;
+        let record = self
+            .find(image)?
+            .ok_or_else(|| ServiceError::NotFound(image.to_owned()))?;
+        let by_tag = Reference::parse(image).ok().filter(|r| {
+            r.digest().is_none() && r.tagged().is_some_and(|t| record.repo_tags.contains(&t))
+        });
+        let names = match by_tag {
+            Some(r) => vec![r],
+            None => record
+                .repo_tags
+                .iter()
+                .map(|t| Reference::parse(t))
+                .collect::<Result<_, _>>()?,
+        };
+        let inner = self.inner.clone();
+        let id = record.id.clone();
+        tokio::task::spawn_blocking(move || work(&inner.store, &record, &names))
+            .await
+            .map_err(|e| ServiceError::Io {
+                action: "run export",
+                path: PathBuf::new(),
+                source: std::io::Error::other(e.to_string()),
+            })?
+            .map_err(|e| ServiceError::Export(Box::new(e)))?;
+        Ok(id)
     }
 
     /// RemoveImage: by tag, repo digest or ID; removes every name of the

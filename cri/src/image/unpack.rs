@@ -163,18 +163,24 @@ pub fn unpack_layer(
     }
 }
 
+/// The uncompressed tar stream of a layer blob: gzip, zstd or plain, told
+/// apart by magic rather than by media type (which registries get wrong).
+pub fn decompressed<'a>(blob: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+    let mut buffered = BufReader::new(blob);
+    let magic = buffered.fill_buf()?;
+    Ok(if magic.starts_with(&[0x1f, 0x8b]) {
+        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
+    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+        Box::new(zstd::stream::read::Decoder::with_buffer(buffered)?)
+    } else {
+        Box::new(buffered)
+    })
+}
+
 /// Applies the layer into the (empty) directory `root` and returns the diff
 /// ID of the uncompressed tar stream.
 pub fn apply_into(root: &Path, lowers: &[PathBuf], blob: impl Read) -> Result<String, UnpackError> {
-    let mut buffered = BufReader::new(blob);
-    let magic = buffered.fill_buf().map_err(UnpackError::Tar)?;
-    let decompressed: Box<dyn Read> = if magic.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::bufread::MultiGzDecoder::new(buffered))
-    } else if magic.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(buffered).map_err(UnpackError::Tar)?)
-    } else {
-        Box::new(buffered)
-    };
+    let decompressed = decompressed(blob).map_err(UnpackError::Tar)?;
     let mut hashing = HashReader {
         inner: decompressed,
         hash: Sha256::new(),
