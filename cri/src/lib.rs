@@ -1,6 +1,11 @@
-//! bosun-cri: the CRI server's library. So far the image service: pulling
-//! from OCI registries into a crash-safe content store and overlayfs-ready
-//! layer snapshots, with CRI ImageService semantics (see `image::service`).
+//! bosun-cri: the CRI server and its parts.
+//!
+//! - [`image`]: pulls from OCI registries into a crash-safe content store
+//!   and overlayfs-ready layer snapshots, with CRI ImageService semantics;
+//! - [`sandbox`]: a pod's pinned namespaces, files and CNI attachment;
+//! - [`spec`]: the OCI runtime spec of a CRI container;
+//! - [`monitor`]: the per-container monitor that owns stdio and logs;
+//! - [`server`]: the `bosun-cri` daemon serving CRI v1 over gRPC.
 
 pub mod image;
 pub mod monitor;

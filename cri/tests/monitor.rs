@@ -157,11 +157,16 @@ impl Drop for Fixture {
                 );
             }
         }
+        let hierarchies = host::cgroup_mounts().unwrap_or_default();
         let cgroup = format!("{CGROUP_PARENT}/{}", self.id);
-        for dir in host::existing_cgroup_dirs(&host::cgroup_mounts().unwrap_or_default(), &cgroup) {
+        for dir in host::existing_cgroup_dirs(&hierarchies, &cgroup) {
             if let Err(e) = host::remove_cgroup_tree_within(&dir, Duration::from_secs(5)) {
                 eprintln!("cleanup: remove {}: {e}", dir.display());
             }
+        }
+        // Fails while other tests still have containers there; the last wins.
+        for parent in host::existing_cgroup_dirs(&hierarchies, CGROUP_PARENT) {
+            let _ = fs::remove_dir(parent);
         }
     }
 }
@@ -449,12 +454,9 @@ fn reports_create_failure(runtime: &Path) -> Result<()> {
     let MonitorError::CreateFailed { message, .. } = &err else {
         bail!("unexpected error {err}");
     };
-    ensure!(
-        message.contains("bogus")
-            || message.contains("nosuchfs")
-            || message.contains("no such device"),
-        "{message}"
-    );
+    // The runtime's own words (runc logs them, bosun-runc prints them),
+    // not the monitor's "runtime create exited with" fallback.
+    ensure!(message.contains("create failed"), "{message:?}");
     let exit = f.wait_exit()?;
     ensure!(exit.reason == ExitReason::CreateFailed, "{exit:?}");
     ensure!(exit.message.as_deref() == Some(message.as_str()));

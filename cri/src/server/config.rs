@@ -75,7 +75,8 @@ pub struct Config {
     pub cni_bin_dirs: Vec<PathBuf>,
     /// The handler used when a pod names none.
     pub default_runtime: String,
-    /// Runtime handlers by name.
+    /// Runtime handlers by name; a `[runtimes.*]` table replaces the
+    /// built-in `bosun-runc` entry.
     pub runtimes: BTreeMap<String, RuntimeHandler>,
     /// Cgroup driver the kubelet must be configured with too.
     pub cgroup_driver: CgroupDriver,
@@ -228,7 +229,8 @@ mod tests {
             config.handler("").unwrap().1.path,
             PathBuf::from("/usr/sbin/runc")
         );
-        assert!(config.handler("bosun-runc").is_some(), "defaults are kept");
+        // A [runtimes] table replaces the built-in one.
+        assert!(config.handler("bosun-runc").is_none());
     }
 
     #[test]
