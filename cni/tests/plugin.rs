@@ -97,6 +97,24 @@ fn serve_once(pod: &Netns, port: u16, reply: &str) -> Result<std::process::Child
     Ok(child)
 }
 
+/// Runs `f` on a thread that entered `ns` (setns affects only that thread);
+/// sockets made there stay bound to `ns`.
+fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let file = std::fs::File::open(ns.path())?;
+    thread::scope(|scope| {
+        scope
+            .spawn(move || -> Result<T> {
+                nix::sched::setns(
+                    std::os::fd::AsFd::as_fd(&file),
+                    nix::sched::CloneFlags::CLONE_NEWNET,
+                )?;
+                Ok(f())
+            })
+            .join()
+            .map_err(|_| anyhow::anyhow!("netns thread panicked"))?
+    })
+}
+
 fn fetch(from: &Netns, host: &str, port: u16) -> Result<String> {
     from.exec(&["busybox", "nc", "-w", "3", host, &port.to_string()])
 }
@@ -180,7 +198,8 @@ fn host_port_is_reachable_from_another_host_the_node_and_other_pods() -> Result<
     conf["hairpinMode"] = json!(true);
     conf["runtimeConfig"] = json!({"portMappings": [
         {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
-        {"hostPort": 8053, "containerPort": 53, "protocol": "udp"}
+        {"hostPort": 8053, "containerPort": 53, "protocol": "udp"},
+        {"hostPort": 8081, "containerPort": 81, "protocol": "tcp", "hostIP": "192.168.202.1"}
     ]});
     invoke_ok(&node.ns, &plugin(), &Call::new("ADD", "web", &web), &conf)?;
     node.add("client", &client)?;
@@ -211,6 +230,33 @@ fn host_port_is_reachable_from_another_host_the_node_and_other_pods() -> Result<
     assert_eq!(out.json["code"], 103, "{}", out.stdout);
     assert!(out.stdout.contains("tcp/8080"), "{}", out.stdout);
     assert_eq!(node.allocated().len(), 2, "the refused ADD released its IP");
+
+    // UDP: a datagram to the host port lands in the pod (busybox's nc has
+    // no UDP, so the test's own threads bind and send inside the namespaces).
+    let receiver = in_netns(&web, || std::net::UdpSocket::bind("0.0.0.0:53"))??;
+    receiver.set_read_timeout(Some(Duration::from_secs(3)))?;
+    in_netns(&other_host, || {
+        std::net::UdpSocket::bind("0.0.0.0:0")?.send_to(b"hello-udp", "192.168.202.1:8053")
+    })??;
+    let mut buf = [0u8; 64];
+    let (len, _) = receiver
+        .recv_from(&mut buf)
+        .context("UDP datagram did not arrive")?;
+    assert_eq!(&buf[..len], b"hello-udp");
+
+    // A mapping bound to one host IP answers there and nowhere else.
+    let mut server = serve_once(&web, 81, "bound")?;
+    let got = fetch(&other_host, "192.168.202.1", 8081)?;
+    assert_eq!(got.trim(), "bound");
+    let _ = server.kill();
+    let _ = server.wait();
+    let mut server = serve_once(&web, 81, "bound")?;
+    assert!(
+        fetch(&node.ns, "127.0.0.1", 8081).is_err(),
+        "a hostIP mapping must not answer on other addresses"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
 
     // DEL removes the forwarding: the port no longer answers.
     invoke_ok(&node.ns, &plugin(), &Call::new("DEL", "web", &web), &conf)?;
