@@ -97,6 +97,36 @@ fn serve_once(pod: &Netns, port: u16, reply: &str) -> Result<std::process::Child
     Ok(child)
 }
 
+/// A veth between `node` (`uplink0`, `<net>.1/24`) and another host
+/// (`peer`, `<net>.2/24`): the node's uplink.
+fn uplink(node: &Netns, other: &Netns, peer: &str, net: &str) -> Result<()> {
+    node.exec(&[
+        "ip",
+        "link",
+        "add",
+        "uplink0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        peer,
+        "netns",
+        other.name(),
+    ])?;
+    node.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{net}.1/24"),
+        "dev",
+        "uplink0",
+    ])?;
+    node.exec(&["ip", "link", "set", "uplink0", "up"])?;
+    other.exec(&["ip", "addr", "add", &format!("{net}.2/24"), "dev", peer])?;
+    other.exec(&["ip", "link", "set", peer, "up"])?;
+    Ok(())
+}
+
 /// Runs `f` on a thread that entered `ns` (setns affects only that thread);
 /// sockets made there stay bound to `ns`.
 fn in_netns<T: Send>(ns: &Netns, f: impl FnOnce() -> T + Send) -> Result<T> {
@@ -171,24 +201,7 @@ fn host_port_is_reachable_from_another_host_the_node_and_other_pods() -> Result<
     let node = Node::new("hp", "10.202.0.0/24")?;
     let other_host = Netns::new("h2")?;
     // The node's uplink to the other host: 192.168.202.1 <-> .2.
-    node.ns.exec(&[
-        "ip",
-        "link",
-        "add",
-        "uplink0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "uplink1",
-        "netns",
-        other_host.name(),
-    ])?;
-    node.ns
-        .exec(&["ip", "addr", "add", "192.168.202.1/24", "dev", "uplink0"])?;
-    node.ns.exec(&["ip", "link", "set", "uplink0", "up"])?;
-    other_host.exec(&["ip", "addr", "add", "192.168.202.2/24", "dev", "uplink1"])?;
-    other_host.exec(&["ip", "link", "set", "uplink1", "up"])?;
+    uplink(&node.ns, &other_host, "uplink1", "192.168.202")?;
 
     let (web, client) = (Netns::new("web")?, Netns::new("cli")?);
     let mut conf = node.conf.clone();
@@ -276,24 +289,7 @@ fn requested_ip_mac_and_mtu_are_honoured_and_masquerade_reaches_out() -> Result<
     let outside = Netns::new("out")?;
     // The outside host knows no route to the pod subnet: only masquerade
     // lets a pod's packets come back.
-    node.ns.exec(&[
-        "ip",
-        "link",
-        "add",
-        "uplink0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "uplink1",
-        "netns",
-        outside.name(),
-    ])?;
-    node.ns
-        .exec(&["ip", "addr", "add", "192.168.211.1/24", "dev", "uplink0"])?;
-    node.ns.exec(&["ip", "link", "set", "uplink0", "up"])?;
-    outside.exec(&["ip", "addr", "add", "192.168.211.2/24", "dev", "uplink1"])?;
-    outside.exec(&["ip", "link", "set", "uplink1", "up"])?;
+    uplink(&node.ns, &outside, "uplink1", "192.168.211")?;
 
     let pod = Netns::new("pod")?;
     let mut conf = node.conf.clone();
@@ -314,27 +310,7 @@ fn requested_ip_mac_and_mtu_are_honoured_and_masquerade_reaches_out() -> Result<
     let plain_node = Node::new("nom", "10.212.0.0/24")?;
     let mut plain = plain_node.conf.clone();
     plain["ipMasq"] = json!(false);
-    plain_node.ns.exec(&[
-        "ip",
-        "link",
-        "add",
-        "uplink0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "uplink2",
-        "netns",
-        outside.name(),
-    ])?;
-    plain_node
-        .ns
-        .exec(&["ip", "addr", "add", "192.168.212.1/24", "dev", "uplink0"])?;
-    plain_node
-        .ns
-        .exec(&["ip", "link", "set", "uplink0", "up"])?;
-    outside.exec(&["ip", "addr", "add", "192.168.212.2/24", "dev", "uplink2"])?;
-    outside.exec(&["ip", "link", "set", "uplink2", "up"])?;
+    uplink(&plain_node.ns, &outside, "uplink2", "192.168.212")?;
     let pod2 = Netns::new("pod2")?;
     invoke_ok(
         &plain_node.ns,

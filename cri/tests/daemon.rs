@@ -28,25 +28,10 @@ use tonic::transport::{Channel, Endpoint, Uri};
 
 const IMAGE: &str = "localhost/bosun/busybox:e2e";
 
-/// `<target>/<triple>/debug`, where cargo put the workspace's binaries;
-/// builds the ones another package owns if they are missing.
+mod bins;
+
 fn bin_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no grandparent dir")?
-        .to_owned();
-    for (package, binary) in [("bosun-cni", "bosun-cni"), ("bosun-runtime", "bosun-runc")] {
-        if !dir.join(binary).is_file() {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
-                .args(["build", "-p", package])
-                .status()?;
-            ensure!(status.success(), "cargo build -p {package} failed");
-        }
-    }
-    Ok(dir)
+    bins::workspace_bin_dir(&[("bosun-cni", "bosun-cni"), ("bosun-runtime", "bosun-runc")])
 }
 
 /// A named network namespace, removed (with its processes) on drop.

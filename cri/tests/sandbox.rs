@@ -24,26 +24,11 @@ use k8s_cri::v1::{
 };
 use serde_json::json;
 
-/// Our plugin, built by `cargo build -p bosun-cni` into the same target dir
-/// (built here if it is missing).
+mod bins;
+
+/// Our plugin, from the same target dir (built if missing).
 fn plugin_dir() -> Result<PathBuf> {
-    // <target>/<triple>/debug/deps/sandbox-<hash> → <target>/<triple>/debug
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("test binary has no grandparent dir")?
-        .to_owned();
-    if !dir.join("bosun-cni").is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        run(Command::new(cargo).args(["build", "-p", "bosun-cni"]))?;
-    }
-    ensure!(
-        dir.join("bosun-cni").is_file(),
-        "no bosun-cni in {}: run cargo build -p bosun-cni",
-        dir.display()
-    );
-    Ok(dir)
+    bins::workspace_bin_dir(&[("bosun-cni", "bosun-cni")])
 }
 
 fn run(command: &mut Command) -> Result<Output> {
