@@ -193,7 +193,7 @@ pub fn add<H: Links, C: Links>(
         return Err(BridgeError::IfnameTaken(params.ifname.to_owned()));
     }
     let alias = alias(&conf.name, params.container_id, params.ifname);
-    host.create_veth(&VethSpec {
+    let veth = host.create_veth(&VethSpec {
         host_name: params.host_veth,
         peer_name: params.ifname,
         peer_netns: params.netns,
@@ -202,7 +202,7 @@ pub fn add<H: Links, C: Links>(
         alias: &alias,
         master: bridge.index,
     })?;
-    match configure(host, pod, params, bridge) {
+    match configure(host, pod, params, bridge, veth) {
         Ok(result) => Ok(result),
         Err(err) => {
             if let Ok(Some(veth)) = host.link(params.host_veth) {
@@ -218,10 +218,8 @@ fn configure<H: Links, C: Links>(
     pod: &mut C,
     params: &AddParams<'_>,
     bridge: Link,
+    veth: Link,
 ) -> Result<CniResult, BridgeError> {
-    let veth = host
-        .link(params.host_veth)?
-        .ok_or_else(|| BridgeError::Vanished(params.host_veth.to_owned()))?;
     if params.conf.hairpin_mode {
         host.set_hairpin(veth.index)?;
     }

@@ -85,8 +85,9 @@ pub trait Links {
     fn set_up(&mut self, index: u32, promisc: Option<bool>) -> Result<(), NetError>;
     /// Sets the link down and renames it (so its name is free at once).
     fn set_down_and_rename(&mut self, index: u32, name: &str) -> Result<(), NetError>;
-    /// Creates the veth pair; the host end is up and enslaved.
-    fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<(), NetError>;
+    /// Creates the veth pair; the host end is up and enslaved. Returns
+    /// the host end.
+    fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<Link, NetError>;
     /// Lets frames leave the bridge port they came in on.
     fn set_hairpin(&mut self, index: u32) -> Result<(), NetError>;
     /// Deletes the link (a veth takes its peer with it).

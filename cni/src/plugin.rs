@@ -31,7 +31,8 @@ use crate::{netns, short_hash};
 /// The newest spec version; VERSION answers in it when asked without one.
 pub const SPEC_VERSION: &str = "1.1.0";
 
-/// What an ADD built, kept beside the allocations for DEL, CHECK and GC.
+/// What an ADD builds, written beside the allocations before it builds
+/// it: DEL and GC find the links and host ports by it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Record {
@@ -43,8 +44,6 @@ struct Record {
     /// The ifb device of egress shaping, when there is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     ifb: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    result: Option<CniResult>,
 }
 
 fn record_key(id: &str, ifname: &str) -> String {
@@ -183,8 +182,9 @@ fn add(conf: &NetConf, target: &Target) -> Result<CniResult, CniError> {
     }
 
     // Reserve addresses and write down what we are about to build, so a
-    // kill at any later point is something GC can undo.
-    let (assigned, mut record) = {
+    // kill at any later point is something GC can undo. Everything the
+    // record holds is known now: one write serves DEL, GC and a killed ADD.
+    let (assigned, record) = {
         let mut store = open_store(conf)?;
         let assigned = ipam::allocate(
             &mut store,
@@ -204,18 +204,13 @@ fn add(conf: &NetConf, target: &Target) -> Result<CniResult, CniError> {
                 .as_ref()
                 .filter(|b| b.egress_rate.is_some())
                 .map(|_| shaping::ifb_name(&host_veth)),
-            result: None,
         };
         store.put_record(&key, &to_json(&record))?;
         (assigned, record)
     };
 
     match build(conf, target, &netns, netns_path, &assigned, &record) {
-        Ok(result) => {
-            record.result = Some(result.clone());
-            open_store(conf)?.put_record(&key, &to_json(&record))?;
-            Ok(result)
-        }
+        Ok(result) => Ok(result),
         Err(err) => {
             let mut store = open_store(conf)?;
             ipam::release(&mut store, &target.container_id, &target.ifname)?;

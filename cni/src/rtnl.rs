@@ -264,7 +264,7 @@ impl Links for Rtnl {
         )
     }
 
-    fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<(), NetError> {
+    fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<Link, NetError> {
         let mut peer = LinkMessage::default();
         peer.attributes
             .push(LinkAttribute::IfName(spec.peer_name.to_owned()));
@@ -315,7 +315,11 @@ impl Links for Rtnl {
             RouteNetlinkMessage::SetLink(message),
             0,
             &format!("set alias of {}", spec.host_name),
-        )
+        )?;
+        Ok(Link {
+            alias: Some(spec.alias.to_owned()),
+            ..link
+        })
     }
 
     fn set_hairpin(&mut self, index: u32) -> Result<(), NetError> {

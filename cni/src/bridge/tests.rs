@@ -89,7 +89,7 @@ impl Links for Fake {
             l.name = name.to_owned();
         })
     }
-    fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<(), NetError> {
+    fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<Link, NetError> {
         let index = insert(&self.ns, spec.host_name, "veth");
         self.edit(index, |l| {
             l.master = Some(spec.master);
@@ -98,7 +98,7 @@ impl Links for Fake {
         })?;
         let peer = self.peer.as_ref().ok_or_else(enodev)?;
         insert(peer, spec.peer_name, "veth");
-        Ok(())
+        self.link(spec.host_name)?.ok_or_else(enodev)
     }
     fn set_hairpin(&mut self, index: u32) -> Result<(), NetError> {
         self.edit(index, |_| {})
