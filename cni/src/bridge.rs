@@ -189,11 +189,8 @@ pub fn add<H: Links, C: Links>(
 ) -> Result<CniResult, BridgeError> {
     let conf = params.conf;
     let bridge = ensure_bridge(host, conf, params.assigned)?;
-    if pod.link(params.ifname)?.is_some() {
-        return Err(BridgeError::IfnameTaken(params.ifname.to_owned()));
-    }
     let alias = alias(&conf.name, params.container_id, params.ifname);
-    let veth = host.create_veth(&VethSpec {
+    let created = host.create_veth(&VethSpec {
         host_name: params.host_veth,
         peer_name: params.ifname,
         peer_netns: params.netns,
@@ -201,7 +198,18 @@ pub fn add<H: Links, C: Links>(
         peer_mac: params.mac,
         alias: &alias,
         master: bridge.index,
-    })?;
+    });
+    // Asking first would cost a round trip on every ADD; a clash shows up
+    // as EEXIST here (the host name is random, so it is the pod's).
+    let veth = match created {
+        Ok(veth) => veth,
+        Err(err)
+            if err.errno() == Some(nix::libc::EEXIST) && pod.link(params.ifname)?.is_some() =>
+        {
+            return Err(BridgeError::IfnameTaken(params.ifname.to_owned()))
+        }
+        Err(err) => return Err(err.into()),
+    };
     match configure(host, pod, params, bridge, veth) {
         Ok(result) => Ok(result),
         Err(err) => {
@@ -226,14 +234,10 @@ fn configure<H: Links, C: Links>(
     let inner = pod
         .link(params.ifname)?
         .ok_or_else(|| BridgeError::Vanished(params.ifname.to_owned()))?;
-    for a in params.assigned {
-        pod.add_address(inner.index, a.address)?;
-    }
-    pod.set_up(inner.index, None)?;
+    let addresses: Vec<IpNet> = params.assigned.iter().map(|a| a.address).collect();
     let routes = container_routes(params.conf, params.assigned);
-    for route in &routes {
-        pod.add_route(inner.index, route.dst, route.gw)?;
-    }
+    let route_pairs: Vec<(IpNet, Option<IpAddr>)> = routes.iter().map(|r| (r.dst, r.gw)).collect();
+    pod.bring_up(inner.index, &addresses, &route_pairs)?;
     Ok(CniResult {
         interfaces: vec![
             Interface {

@@ -102,6 +102,23 @@ pub trait Links {
     fn routes(&mut self, index: u32) -> Result<Vec<(IpNet, Option<IpAddr>)>, NetError>;
     /// Adds a route out of the link; present is fine.
     fn add_route(&mut self, index: u32, dst: IpNet, gw: Option<IpAddr>) -> Result<(), NetError>;
+    /// Adds the addresses, sets the link up, then adds the routes; an
+    /// implementation may send them as one batch.
+    fn bring_up(
+        &mut self,
+        index: u32,
+        addresses: &[IpNet],
+        routes: &[(IpNet, Option<IpAddr>)],
+    ) -> Result<(), NetError> {
+        for address in addresses {
+            self.add_address(index, *address)?;
+        }
+        self.set_up(index, None)?;
+        for (dst, gw) in routes {
+            self.add_route(index, *dst, *gw)?;
+        }
+        Ok(())
+    }
 }
 
 /// `aa:bb:cc:dd:ee:ff` for a MAC's bytes.

@@ -98,6 +98,76 @@ impl Rtnl {
         }
     }
 
+    /// Sends `requests` in one datagram and reads every answer: the kernel
+    /// handles them in order, and one round trip replaces several. Each
+    /// request is ACKed; an EEXIST is fine where the request says so. The
+    /// first failure is returned after all answers are read, so the socket
+    /// stays in step.
+    fn batch(&mut self, requests: Vec<Batched>) -> Result<Vec<RouteNetlinkMessage>, NetError> {
+        let first = self.seq.wrapping_add(1);
+        let mut buf = Vec::new();
+        for request in &requests {
+            self.seq = self.seq.wrapping_add(1);
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | request.flags;
+            header.sequence_number = self.seq;
+            let mut packet =
+                NetlinkMessage::new(header, NetlinkPayload::from(request.message.clone()));
+            packet.finalize();
+            let start = buf.len();
+            buf.resize(start + packet.buffer_len(), 0);
+            packet.serialize(&mut buf[start..]);
+        }
+        let failed = |e: io::Error| NetError::new("netlink batch", e);
+        self.socket.send(&buf, 0).map_err(failed)?;
+        let mut out = Vec::new();
+        let mut pending = requests.len();
+        let mut error: Option<NetError> = None;
+        while pending > 0 {
+            let (bytes, _) = self.socket.recv_from_full().map_err(failed)?;
+            let mut offset = 0;
+            while offset < bytes.len() {
+                let reply = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&bytes[offset..])
+                    .map_err(|e| {
+                        failed(io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
+                    })?;
+                let len = reply.header.length as usize;
+                if len == 0 {
+                    return Err(failed(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "zero-length netlink message",
+                    )));
+                }
+                offset += len;
+                let index = reply.header.sequence_number.wrapping_sub(first) as usize;
+                let Some(request) = requests.get(index) else {
+                    continue;
+                };
+                match reply.payload {
+                    NetlinkPayload::Error(err) => {
+                        pending -= 1;
+                        if let Some(code) = err.code {
+                            let errno = -code.get();
+                            let tolerated = request.exists_ok && errno == nix::libc::EEXIST;
+                            if !tolerated && error.is_none() {
+                                error = Some(NetError::new(
+                                    request.op.clone(),
+                                    io::Error::from_raw_os_error(errno),
+                                ));
+                            }
+                        }
+                    }
+                    NetlinkPayload::InnerMessage(inner) => out.push(inner),
+                    _ => {}
+                }
+            }
+        }
+        match error {
+            Some(error) => Err(error),
+            None => Ok(out),
+        }
+    }
+
     fn ack(&mut self, message: RouteNetlinkMessage, flags: u16, op: &str) -> Result<(), NetError> {
         self.request(message, NLM_F_ACK | flags)
             .map(drop)
@@ -109,6 +179,49 @@ impl Rtnl {
         message.header.index = index;
         message
     }
+}
+
+/// One request of a [`Rtnl::batch`].
+struct Batched {
+    message: RouteNetlinkMessage,
+    flags: u16,
+    op: String,
+    exists_ok: bool,
+}
+
+fn route_message(index: u32, dst: IpNet, gw: Option<IpAddr>) -> RouteMessage {
+    let mut message = RouteMessage::default();
+    message.header.address_family = family(dst.addr());
+    message.header.destination_prefix_length = dst.prefix_len();
+    message.header.table = RouteHeader::RT_TABLE_MAIN;
+    message.header.protocol = RouteProtocol::Boot;
+    message.header.kind = RouteType::Unicast;
+    message.header.scope = if gw.is_some() {
+        RouteScope::Universe
+    } else {
+        RouteScope::Link
+    };
+    if dst.prefix_len() > 0 {
+        message
+            .attributes
+            .push(RouteAttribute::Destination(RouteAddress::from(
+                dst.network(),
+            )));
+    }
+    if let Some(gw) = gw {
+        message
+            .attributes
+            .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
+    }
+    message.attributes.push(RouteAttribute::Oif(index));
+    message
+}
+
+fn route_op(index: u32, dst: IpNet, gw: Option<IpAddr>) -> String {
+    format!(
+        "add route {dst}{} via link {index}",
+        gw.map(|g| format!(" via {g}")).unwrap_or_default()
+    )
 }
 
 fn link_from(message: &LinkMessage) -> Link {
@@ -292,6 +405,21 @@ impl Links for Rtnl {
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer))),
         ]));
+        // The kernel ignores IFLA_IFALIAS when creating a link, so the alias
+        // is set by name once the create succeeded (never on a link that
+        // happened to exist), and the new link read back in that same
+        // round trip.
+        let by_name = || {
+            let mut message = LinkMessage::default();
+            message
+                .attributes
+                .push(LinkAttribute::IfName(spec.host_name.to_owned()));
+            message
+        };
+        let mut alias = by_name();
+        alias
+            .attributes
+            .push(LinkAttribute::IfAlias(spec.alias.to_owned()));
         self.ack(
             RouteNetlinkMessage::NewLink(message),
             NLM_F_CREATE | NLM_F_EXCL,
@@ -300,26 +428,32 @@ impl Links for Rtnl {
                 spec.host_name, spec.peer_name
             ),
         )?;
-        // The kernel ignores IFLA_IFALIAS when creating a link; set it now.
-        let Some(link) = self.link(spec.host_name)? else {
-            return Err(NetError::new(
-                format!("set alias of {}", spec.host_name),
-                io::Error::from_raw_os_error(nix::libc::ENODEV),
-            ));
-        };
-        let mut message = Self::link_message(link.index);
-        message
-            .attributes
-            .push(LinkAttribute::IfAlias(spec.alias.to_owned()));
-        self.ack(
-            RouteNetlinkMessage::SetLink(message),
-            0,
-            &format!("set alias of {}", spec.host_name),
-        )?;
-        Ok(Link {
-            alias: Some(spec.alias.to_owned()),
-            ..link
-        })
+        let replies = self.batch(vec![
+            Batched {
+                message: RouteNetlinkMessage::SetLink(alias),
+                flags: 0,
+                op: format!("set alias of {}", spec.host_name),
+                exists_ok: false,
+            },
+            Batched {
+                message: RouteNetlinkMessage::GetLink(by_name()),
+                flags: 0,
+                op: format!("look up link {}", spec.host_name),
+                exists_ok: false,
+            },
+        ])?;
+        replies
+            .iter()
+            .find_map(|r| match r {
+                RouteNetlinkMessage::NewLink(m) => Some(link_from(m)),
+                _ => None,
+            })
+            .ok_or_else(|| {
+                NetError::new(
+                    format!("look up link {}", spec.host_name),
+                    io::Error::from_raw_os_error(nix::libc::ENODEV),
+                )
+            })
     }
 
     fn set_hairpin(&mut self, index: u32) -> Result<(), NetError> {
@@ -440,38 +574,50 @@ impl Links for Rtnl {
     }
 
     fn add_route(&mut self, index: u32, dst: IpNet, gw: Option<IpAddr>) -> Result<(), NetError> {
-        let mut message = RouteMessage::default();
-        message.header.address_family = family(dst.addr());
-        message.header.destination_prefix_length = dst.prefix_len();
-        message.header.table = RouteHeader::RT_TABLE_MAIN;
-        message.header.protocol = RouteProtocol::Boot;
-        message.header.kind = RouteType::Unicast;
-        message.header.scope = if gw.is_some() {
-            RouteScope::Universe
-        } else {
-            RouteScope::Link
-        };
-        if dst.prefix_len() > 0 {
-            message
-                .attributes
-                .push(RouteAttribute::Destination(RouteAddress::from(
-                    dst.network(),
-                )));
-        }
-        if let Some(gw) = gw {
-            message
-                .attributes
-                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
-        }
-        message.attributes.push(RouteAttribute::Oif(index));
         exists_ok(self.ack(
-            RouteNetlinkMessage::NewRoute(message),
+            RouteNetlinkMessage::NewRoute(route_message(index, dst, gw)),
             NLM_F_CREATE | NLM_F_EXCL,
-            &format!(
-                "add route {dst}{} via link {index}",
-                gw.map(|g| format!(" via {g}")).unwrap_or_default()
-            ),
+            &route_op(index, dst, gw),
         ))
+    }
+
+    fn bring_up(
+        &mut self,
+        index: u32,
+        addresses: &[IpNet],
+        routes: &[(IpNet, Option<IpAddr>)],
+    ) -> Result<(), NetError> {
+        let mut requests = Vec::new();
+        for address in addresses {
+            let mut message = address_message(index, *address);
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+            requests.push(Batched {
+                message: RouteNetlinkMessage::NewAddress(message),
+                flags: NLM_F_CREATE | NLM_F_EXCL,
+                op: format!("add address {address} to link {index}"),
+                exists_ok: true,
+            });
+        }
+        let mut up = Self::link_message(index);
+        up.header.flags = LinkFlags::Up;
+        up.header.change_mask = LinkFlags::Up;
+        requests.push(Batched {
+            message: RouteNetlinkMessage::SetLink(up),
+            flags: 0,
+            op: format!("set link {index} up"),
+            exists_ok: false,
+        });
+        for (dst, gw) in routes {
+            requests.push(Batched {
+                message: RouteNetlinkMessage::NewRoute(route_message(index, *dst, *gw)),
+                flags: NLM_F_CREATE | NLM_F_EXCL,
+                op: route_op(index, *dst, *gw),
+                exists_ok: true,
+            });
+        }
+        self.batch(requests).map(drop)
     }
 }
 

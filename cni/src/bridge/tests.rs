@@ -90,14 +90,18 @@ impl Links for Fake {
         })
     }
     fn create_veth(&mut self, spec: &VethSpec<'_>) -> Result<Link, NetError> {
+        let peer = self.peer.clone().ok_or_else(enodev)?;
+        if peer.borrow().links.iter().any(|l| l.name == spec.peer_name) {
+            let err = std::io::Error::from_raw_os_error(nix::libc::EEXIST);
+            return Err(NetError::new("create veth", err));
+        }
         let index = insert(&self.ns, spec.host_name, "veth");
         self.edit(index, |l| {
             l.master = Some(spec.master);
             l.alias = Some(spec.alias.to_owned());
             l.up = true;
         })?;
-        let peer = self.peer.as_ref().ok_or_else(enodev)?;
-        insert(peer, spec.peer_name, "veth");
+        insert(&peer, spec.peer_name, "veth");
         self.link(spec.host_name)?.ok_or_else(enodev)
     }
     fn set_hairpin(&mut self, index: u32) -> Result<(), NetError> {
