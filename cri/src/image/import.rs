@@ -239,7 +239,7 @@ fn import_manifest(
     )
 }
 
-/// Config checks, then every layer copied and unpacked in order.
+/// Config checks, then every layer copied, then all unpacked in parallel.
 #[allow(clippy::too_many_arguments)]
 fn finish_image(
     store: &ContentStore,

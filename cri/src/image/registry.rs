@@ -194,6 +194,7 @@ impl Endpoint {
 pub struct RegistryConfig {
     pub hosts: HashMap<String, Vec<Endpoint>>,
     pub platform: Platform,
+    /// Layers of one image in flight at once: downloading, then unpacking.
     pub max_concurrent_downloads: usize,
     /// Retries per request after the first attempt.
     pub retries: u32,
