@@ -239,7 +239,7 @@ fn import_manifest(
     )
 }
 
-/// Config checks, then every layer copied and unpacked in order.
+/// Config checks, then every layer copied, then all unpacked in parallel.
 #[allow(clippy::too_many_arguments)]
 fn finish_image(
     store: &ContentStore,
@@ -280,9 +280,9 @@ fn finish_image(
         ));
     }
     let chain_ids = unpack::chain_ids(&config.rootfs.diff_ids);
-    let mut lowers: Vec<PathBuf> = Vec::new();
-    let mut records = Vec::new();
-    for ((layer, diff_id), chain) in layers.iter().zip(&config.rootfs.diff_ids).zip(&chain_ids) {
+    let mut digests = Vec::with_capacity(layers.len());
+    let mut blobs = Vec::with_capacity(layers.len());
+    for layer in layers {
         if !LAYER_TYPES.contains(&layer.media_type.as_str()) {
             return Err(invalid(
                 source,
@@ -294,26 +294,38 @@ fn finish_image(
         }
         let digest = digest_of(source, &layer.digest)?;
         source.copy(store, &digest, layer.size)?;
-        let blob = store.open_blob(&digest).map_err(|e| ImportError::Store {
+        blobs.push(store.open_blob(&digest).map_err(|e| ImportError::Store {
             path: source.path().to_owned(),
             source: e,
-        })?;
-        let below: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
-        let unpacked = unpack::unpack_layer(store.snapshots_dir(), chain, diff_id, &below, blob)
-            .map_err(|e| ImportError::Unpack {
-                path: source.path().to_owned(),
-                digest: digest.to_string(),
-                source: e,
-            })?;
-        lowers.push(unpacked.path);
-        records.push(LayerRecord {
+        })?);
+        digests.push(digest);
+    }
+    // The archive is read in order; the unpacking then runs in parallel.
+    let parallel = std::thread::available_parallelism().map_or(1, usize::from);
+    unpack::unpack_stack(
+        store.snapshots_dir(),
+        &chain_ids,
+        &config.rootfs.diff_ids,
+        blobs,
+        parallel,
+    )
+    .map_err(|(i, e)| ImportError::Unpack {
+        path: source.path().to_owned(),
+        digest: digests[i].to_string(),
+        source: e,
+    })?;
+    let records = layers
+        .iter()
+        .zip(&digests)
+        .zip(config.rootfs.diff_ids.iter().zip(&chain_ids))
+        .map(|((layer, digest), (diff_id, chain))| LayerRecord {
             digest: digest.to_string(),
             size: layer.size,
             media_type: layer.media_type.clone(),
             diff_id: diff_id.clone(),
             chain_id: chain.clone(),
-        });
-    }
+        })
+        .collect();
     Ok(PulledImage {
         manifest_digest,
         index_digest,

@@ -13,11 +13,12 @@
 //! AuthConfig forms of credentials.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{StreamExt, TryStreamExt};
+use futures_util::StreamExt;
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
@@ -193,6 +194,7 @@ impl Endpoint {
 pub struct RegistryConfig {
     pub hosts: HashMap<String, Vec<Endpoint>>,
     pub platform: Platform,
+    /// Layers of one image in flight at once: downloading, then unpacking.
     pub max_concurrent_downloads: usize,
     /// Retries per request after the first attempt.
     pub retries: u32,
@@ -770,8 +772,8 @@ impl Puller {
         let chain_ids = unpack::chain_ids(&config.rootfs.diff_ids);
         let snapshots = store.snapshots_dir().to_owned();
 
-        // Fetch up to N layers at once; `buffered` yields them in order, so
-        // each is unpacked as soon as it and the layers below it are in.
+        // Fetch and unpack up to N layers at once; each is committed as soon
+        // as the layers below it are in place.
         let total = layers.len();
         self.report(PullProgress::Resolved {
             image: name.clone(),
@@ -786,88 +788,72 @@ impl Puller {
                 })
                 .collect(),
         });
+        let mut digests = Vec::with_capacity(total);
+        for layer in layers {
+            digests.push(parse_digest(&name, &layer.digest)?);
+        }
         // (A Vec of boxed futures rather than a mapping closure: closures
         // borrowing here trip rustc's Send inference for spawned callers.)
-        let mut jobs: Vec<futures_util::future::BoxFuture<'_, Result<Digest, RegistryError>>> =
-            Vec::with_capacity(layers.len());
-        for (layer, chain) in layers.iter().zip(&chain_ids) {
+        let mut blobs: Vec<futures_util::future::BoxFuture<'_, Result<File, RegistryError>>> =
+            Vec::with_capacity(total);
+        for ((layer, chain), digest) in layers.iter().zip(&chain_ids).zip(&digests) {
             let name = name.clone();
             let store = store.clone();
             let remote = &remote;
             let have_snapshot = unpack::snapshot_path(&snapshots, chain).is_dir();
-            jobs.push(Box::pin(async move {
-                let digest = parse_digest(&name, &layer.digest)?;
-                if !(have_snapshot && store.has_blob(&digest)) {
-                    self.fetch_blob(remote, auth, &name, &store, &digest, layer.size)
+            blobs.push(Box::pin(async move {
+                if !(have_snapshot && store.has_blob(digest)) {
+                    self.fetch_blob(remote, auth, &name, &store, digest, layer.size)
                         .await?;
                 }
-                Ok(digest)
+                store
+                    .open_blob(digest)
+                    .map_err(|source| RegistryError::Store {
+                        reference: name,
+                        source,
+                    })
             }));
         }
-        let mut fetches =
-            futures_util::stream::iter(jobs).buffered(self.config.max_concurrent_downloads.max(1));
-
-        let mut records = Vec::with_capacity(total);
-        let mut lowers: Vec<PathBuf> = Vec::new();
-        let mut i = 0;
-        while let Some(digest) = fetches.try_next().await? {
-            let layer = &layers[i];
-            let diff_id = config.rootfs.diff_ids[i].clone();
-            let chain = chain_ids[i].clone();
-            let unpack_store = store.clone();
-            let unpack_chain = chain.clone();
-            let unpack_digest = digest.clone();
-            let unpack_diff = diff_id.clone();
-            let unpack_lowers: Vec<PathBuf> = lowers.iter().rev().cloned().collect();
-            let unpack_name = name.clone();
-            let unpacked = tokio::task::spawn_blocking(move || {
-                let blob = unpack_store.open_blob(&unpack_digest).map_err(|source| {
-                    RegistryError::Store {
-                        reference: unpack_name.clone(),
-                        source,
-                    }
-                })?;
-                unpack::unpack_layer(
-                    unpack_store.snapshots_dir(),
-                    &unpack_chain,
-                    &unpack_diff,
-                    &unpack_lowers,
-                    blob,
-                )
-                .map_err(|source| RegistryError::Unpack {
-                    reference: unpack_name,
-                    digest: unpack_digest.to_string(),
-                    source,
-                })
-            })
-            .await
-            .map_err(|e| RegistryError::Task {
+        unpack::unpack_image(
+            &snapshots,
+            &chain_ids,
+            &config.rootfs.diff_ids,
+            self.config.max_concurrent_downloads,
+            blobs,
+            |i, source| RegistryError::Unpack {
                 reference: name.clone(),
-                detail: format!("unpack task: {e}"),
-            })??;
-            tracing::info!(
-                image = %name,
-                layer = i + 1,
-                of = total,
-                digest = %digest,
-                created = unpacked.created,
-                "layer ready"
-            );
-            self.report(PullProgress::LayerReady {
-                image: name.clone(),
-                index: i,
-                of: total,
-            });
-            lowers.push(unpacked.path);
-            records.push(LayerRecord {
+                digest: digests[i].to_string(),
+                source,
+            },
+            |i, unpacked| {
+                tracing::info!(
+                    image = %name,
+                    layer = i + 1,
+                    of = total,
+                    digest = %digests[i],
+                    created = unpacked.created,
+                    "layer ready"
+                );
+                self.report(PullProgress::LayerReady {
+                    image: name.clone(),
+                    index: i,
+                    of: total,
+                });
+            },
+        )
+        .await?;
+        let records = layers
+            .iter()
+            .zip(&digests)
+            .zip(config.rootfs.diff_ids.iter().zip(&chain_ids))
+            .map(|((layer, digest), (diff_id, chain))| LayerRecord {
                 digest: digest.to_string(),
                 size: layer.size,
                 media_type: layer.media_type.clone(),
-                diff_id,
-                chain_id: chain,
-            });
-            i += 1;
-        }
+                diff_id: diff_id.clone(),
+                chain_id: chain.clone(),
+            })
+            .collect();
         let size = config_desc.size + layers.iter().map(|l| l.size).sum::<u64>();
         tracing::info!(image = %name, bytes = size, elapsed_ms = started.elapsed().as_millis() as u64, "pulled");
         Ok(PulledImage {

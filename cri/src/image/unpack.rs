@@ -11,7 +11,12 @@
 //!
 //! Applying a diff into its own empty directory (rather than onto a merged
 //! copy of the layers below) means no entry can ever touch a lower layer,
-//! and layers are independent once the snapshots below exist.
+//! so the layers of an image unpack in parallel ([`unpack_image`],
+//! [`unpack_stack`]): each is staged into a temp dir on its own, recording
+//! the directories it creates implicitly; once the layers below are in
+//! place a cheap second step ([`Staged::commit`]) gives those directories
+//! the attributes they have below and renames the layer into place, bottom
+//! up, so a snapshot never appears before it is final.
 //!
 //! Path safety: names with `..` are rejected, absolute names are taken
 //! relative to the snapshot, and every parent directory is opened with
@@ -20,7 +25,8 @@
 //! component is created with `*at` calls that do not follow it. A layer that
 //! tries fails with [`UnpackError::PathEscape`]. Work happens in a temp
 //! directory renamed into place only when the whole layer applied and its
-//! diff ID matched; on any error the temp directory is removed.
+//! diff ID matched; on any error the temp directory is removed (and a crash
+//! leaves only temp dirs, which the store sweeps).
 
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -28,6 +34,11 @@ use std::io::{self, BufRead, BufReader, Read};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures_util::future::BoxFuture;
+use futures_util::StreamExt as _;
 
 use rustix::fs::{
     AtFlags, Dev, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps, XattrFlags,
@@ -60,6 +71,8 @@ pub enum UnpackError {
     Tar(io::Error),
     #[error("layer content has diff ID {actual}, the image config says {expected}")]
     DiffIdMismatch { expected: String, actual: String },
+    #[error("unpack task failed: {0}")]
+    Task(String),
     #[error("{action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -105,11 +118,8 @@ pub struct Unpacked {
 }
 
 /// Unpacks one layer blob (gzip, zstd or plain tar, by magic) into the
-/// snapshot of `chain_id`, unless it exists already. `expected_diff_id`
-/// is checked against the uncompressed stream. `lowers` are the snapshots
-/// below, top first: a directory the layer creates implicitly (a child
-/// without its own parent entry) copies mode, owner and mtime from there,
-/// so the merged view keeps the lower directory's attributes.
+/// snapshot of `chain_id`, unless it exists already: [`stage_layer`], then
+/// [`Staged::commit`] onto `lowers` (the snapshots below, top first).
 pub fn unpack_layer(
     snapshots: &Path,
     chain_id: &str,
@@ -117,50 +127,412 @@ pub fn unpack_layer(
     lowers: &[PathBuf],
     blob: impl Read,
 ) -> Result<Unpacked, UnpackError> {
+    match stage_layer(snapshots, chain_id, expected_diff_id, blob)? {
+        Some(staged) => staged.commit(lowers),
+        None => Ok(Unpacked {
+            path: snapshot_path(snapshots, chain_id),
+            created: false,
+        }),
+    }
+}
+
+/// A layer applied into its own temp dir and verified, not yet in place.
+/// Dropping it removes the temp dir.
+#[derive(Debug)]
+pub struct Staged {
+    /// Empty once renamed into place.
+    temp: PathBuf,
+    dest: PathBuf,
+    /// Directories the layer created implicitly (a child without its own
+    /// parent entry), as components below the layer root.
+    implicit: Vec<Vec<String>>,
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.temp.as_os_str().is_empty() {
+            return;
+        }
+        if let Err(e) = fs::remove_dir_all(&self.temp) {
+            tracing::warn!(path = %self.temp.display(), error = %e, "cannot remove unpack temp dir");
+        }
+    }
+}
+
+/// Applies a layer blob into a new temp dir under `snapshots` and checks
+/// its diff ID; `None` when the snapshot of `chain_id` exists already. Needs
+/// nothing of the layers below, so the layers of an image stage in parallel.
+pub fn stage_layer(
+    snapshots: &Path,
+    chain_id: &str,
+    expected_diff_id: &str,
+    blob: impl Read,
+) -> Result<Option<Staged>, UnpackError> {
     let dest = snapshot_path(snapshots, chain_id);
     if dest.is_dir() {
-        return Ok(Unpacked {
-            path: dest,
-            created: false,
-        });
+        return Ok(None);
     }
     let temp = snapshots.join(temp_name("unpack"));
     fs::create_dir(&temp).map_err(io_err("create directory", &temp))?;
-    let applied = apply_into(&temp, lowers, blob).and_then(|diff_id| {
-        if diff_id == expected_diff_id {
-            Ok(())
-        } else {
-            Err(UnpackError::DiffIdMismatch {
-                expected: expected_diff_id.to_owned(),
-                actual: diff_id,
-            })
-        }
-    });
-    if let Err(e) = applied {
-        if let Err(cleanup) = fs::remove_dir_all(&temp) {
-            tracing::warn!(path = %temp.display(), error = %cleanup, "cannot remove failed unpack");
-        }
-        return Err(e);
+    let mut staged = Staged {
+        temp,
+        dest,
+        implicit: Vec::new(),
+    };
+    let applied = apply_into(&staged.temp, blob)?;
+    if applied.diff_id != expected_diff_id {
+        return Err(UnpackError::DiffIdMismatch {
+            expected: expected_diff_id.to_owned(),
+            actual: applied.diff_id,
+        });
     }
-    match fs::rename(&temp, &dest) {
-        Ok(()) => Ok(Unpacked {
-            path: dest,
-            created: true,
-        }),
+    staged.implicit = applied.implicit_dirs;
+    Ok(Some(staged))
+}
+
+impl Staged {
+    /// Gives the implicitly created directories the mode, owner and mtime
+    /// the same path has in the nearest of `lowers` (the snapshots below,
+    /// top first, all in place), so the merged view keeps the lower
+    /// directory's attributes; then renames the layer into place.
+    pub fn commit(mut self, lowers: &[PathBuf]) -> Result<Unpacked, UnpackError> {
+        let dest = self.dest.clone();
         // Another pull unpacked the same layer first: same content, keep theirs.
-        Err(e) if dest.is_dir() => {
-            tracing::debug!(error = %e, chain_id, "snapshot appeared concurrently");
-            let _ = fs::remove_dir_all(&temp);
-            Ok(Unpacked {
+        if dest.is_dir() {
+            return Ok(Unpacked {
                 path: dest,
                 created: false,
-            })
+            });
         }
-        Err(e) => {
-            let _ = fs::remove_dir_all(&temp);
-            Err(io_err("rename into place", &dest)(e))
+        fix_implicit_dirs(&self.temp, lowers, &self.implicit)?;
+        match fs::rename(&self.temp, &dest) {
+            Ok(()) => {
+                self.temp = PathBuf::new();
+                Ok(Unpacked {
+                    path: dest,
+                    created: true,
+                })
+            }
+            Err(e) if dest.is_dir() => {
+                tracing::debug!(error = %e, dest = %dest.display(), "snapshot appeared concurrently");
+                Ok(Unpacked {
+                    path: dest,
+                    created: false,
+                })
+            }
+            Err(e) => Err(io_err("rename into place", &dest)(e)),
         }
     }
+}
+
+fn fix_implicit_dirs(
+    root: &Path,
+    lowers: &[PathBuf],
+    implicit: &[Vec<String>],
+) -> Result<(), UnpackError> {
+    if implicit.is_empty() || lowers.is_empty() {
+        return Ok(());
+    }
+    let open_path = |path: &Path| {
+        rustix::fs::open(
+            path,
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let root_fd = open_path(root).map_err(|e| io_err("open", root)(e.into()))?;
+    let lower_fds: Vec<OwnedFd> = lowers.iter().filter_map(|l| open_path(l).ok()).collect();
+    let as_root = rustix::process::geteuid().is_root();
+    for comps in implicit {
+        let path = comps.join("/");
+        let Some(st) = lower_fds.iter().find_map(|lower| {
+            let fd = rustix::fs::openat2(
+                lower,
+                path.as_str(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::empty(),
+                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+            )
+            .ok()?;
+            rustix::fs::fstat(&fd).ok()
+        }) else {
+            continue;
+        };
+        // Resolved the way the applier did when it created the directory.
+        let dir = rustix::fs::openat2(
+            &root_fd,
+            path.as_str(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
+        )
+        .map_err(|e| entry_err(&path, "open implicit directory", e.into()))?;
+        // Owner first: chown clears set-id bits.
+        if as_root {
+            rustix::fs::fchown(
+                &dir,
+                Some(rustix::fs::Uid::from_raw(st.st_uid)),
+                Some(rustix::fs::Gid::from_raw(st.st_gid)),
+            )
+            .map_err(|e| entry_err(&path, "chown implicit directory", e.into()))?;
+        }
+        rustix::fs::fchmod(&dir, Mode::from_raw_mode(st.st_mode & 0o7777))
+            .map_err(|e| entry_err(&path, "chmod implicit directory", e.into()))?;
+        set_times(&dir, ".", u64::try_from(st.st_mtime).unwrap_or(0))
+            .map_err(|e| entry_err(&path, "set mtime", e))?;
+    }
+    Ok(())
+}
+
+/// Why a stopped layer's read fails; never reported (the first error is).
+const STOPPED: &str = "unpack stopped: another layer of the image failed";
+
+/// A blob reader that fails once the unpack it belongs to is stopped, so
+/// the other layers of a failed image stop early.
+struct Stoppable<R> {
+    inner: R,
+    stop: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Stoppable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stop.load(Ordering::Relaxed) {
+            return Err(io::Error::other(STOPPED));
+        }
+        self.inner.read(buf)
+    }
+}
+
+/// The first failure of an image's unpack: recorded once, it stops the rest.
+struct Failure<E> {
+    first: Mutex<Option<E>>,
+    stop: Arc<AtomicBool>,
+    notify: tokio::sync::Notify,
+}
+
+impl<E> Failure<E> {
+    fn new() -> Self {
+        Failure {
+            first: Mutex::new(None),
+            stop: Arc::new(AtomicBool::new(false)),
+            notify: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Records `e` unless an earlier failure was (errors of layers stopped
+    /// by it come later and are dropped), and stops the others.
+    fn fail(&self, e: E) {
+        let mut first = self.first.lock().unwrap_or_else(PoisonError::into_inner);
+        if first.is_none() {
+            *first = Some(e);
+        }
+        drop(first);
+        self.stop.store(true, Ordering::Relaxed);
+        self.notify.notify_one();
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn take(&self) -> Option<E> {
+        self.first
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+}
+
+/// Stops the staging tasks when a pull is dropped mid-way (they cannot be
+/// cancelled: they notice at their next read).
+struct StopOnDrop(Arc<AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Unpacks an image's layers (bottom first) whose blobs come from `open`
+/// (e.g. a download, then the stored blob): up to `parallel` layers are
+/// opened and staged at once ([`stage_layer`], on blocking threads), and
+/// each is committed onto the layers below as soon as they are in place, so
+/// snapshots appear bottom-up. `ready` hears of each layer in place, in
+/// order. The first failure (an `open` error, or `unpack_err` of an unpack
+/// error) stops the layers in flight, and this returns only once their temp
+/// dirs are gone; layers already committed stay (valid snapshots, shared).
+pub async fn unpack_image<'a, E, R>(
+    snapshots: &Path,
+    chain_ids: &[String],
+    diff_ids: &[String],
+    parallel: usize,
+    open: Vec<BoxFuture<'a, Result<R, E>>>,
+    unpack_err: impl Fn(usize, UnpackError) -> E + Sync,
+    mut ready: impl FnMut(usize, &Unpacked),
+) -> Result<Vec<Unpacked>, E>
+where
+    R: Read + Send + 'static,
+    E: Send,
+{
+    let failure = Failure::new();
+    let _stop_on_drop = StopOnDrop(failure.stop.clone());
+    // Each staging task holds a sender: `recv` is `None` once all are done.
+    let (alive, mut all_done) = tokio::sync::mpsc::channel::<()>(1);
+    let mut jobs: Vec<BoxFuture<'_, Option<Option<Staged>>>> = Vec::with_capacity(open.len());
+    for (i, blob) in open.into_iter().enumerate() {
+        let (Some(chain), Some(diff)) = (chain_ids.get(i), diff_ids.get(i)) else {
+            break;
+        };
+        let (chain, diff) = (chain.clone(), diff.clone());
+        let snapshots = snapshots.to_owned();
+        let alive = alive.clone();
+        let (failure, unpack_err) = (&failure, &unpack_err);
+        jobs.push(Box::pin(async move {
+            let blob = match blob.await {
+                Ok(blob) => blob,
+                Err(e) => {
+                    failure.fail(e);
+                    return None;
+                }
+            };
+            if failure.stopped() {
+                return None;
+            }
+            let stop = failure.stop.clone();
+            let task = tokio::task::spawn_blocking(move || {
+                let staged =
+                    stage_layer(&snapshots, &chain, &diff, Stoppable { inner: blob, stop });
+                // Dropped in this order wherever the output ends up: a
+                // staged layer nobody takes is removed before the sender goes.
+                (staged, alive)
+            });
+            match task.await {
+                Ok((Ok(staged), _alive)) => Some(staged),
+                Ok((Err(e), _alive)) => {
+                    failure.fail(unpack_err(i, e));
+                    None
+                }
+                Err(e) => {
+                    failure.fail(unpack_err(i, UnpackError::Task(e.to_string())));
+                    None
+                }
+            }
+        }));
+    }
+    drop(alive);
+    let total = jobs.len();
+    // `buffered` yields in order: the commit of a layer waits for the
+    // layers below while the ones above keep staging.
+    let mut staged = futures_util::stream::iter(jobs).buffered(parallel.max(1));
+    let mut done: Vec<Unpacked> = Vec::with_capacity(total);
+    while done.len() < total {
+        let next = tokio::select! {
+            next = staged.next() => next,
+            () = failure.notify.notified() => None,
+        };
+        let (Some(Some(layer)), false) = (next, failure.stopped()) else {
+            break;
+        };
+        let i = done.len();
+        let unpacked = match layer {
+            None => Unpacked {
+                path: snapshot_path(snapshots, &chain_ids[i]),
+                created: false,
+            },
+            Some(layer) => {
+                let lowers: Vec<PathBuf> = done.iter().rev().map(|u| u.path.clone()).collect();
+                match tokio::task::spawn_blocking(move || layer.commit(&lowers)).await {
+                    Ok(Ok(unpacked)) => unpacked,
+                    Ok(Err(e)) => {
+                        failure.fail(unpack_err(i, e));
+                        break;
+                    }
+                    Err(e) => {
+                        failure.fail(unpack_err(i, UnpackError::Task(e.to_string())));
+                        break;
+                    }
+                }
+            }
+        };
+        ready(i, &unpacked);
+        done.push(unpacked);
+    }
+    if done.len() == total {
+        return Ok(done);
+    }
+    failure.stop.store(true, Ordering::Relaxed);
+    // Staged layers waiting in the stream are removed as it drops; then
+    // wait for the staging tasks still running to notice and clean up.
+    drop(staged);
+    while all_done.recv().await.is_some() {}
+    Err(failure.take().unwrap_or_else(|| {
+        unpack_err(
+            done.len(),
+            UnpackError::Task("stopped without an error".to_owned()),
+        )
+    }))
+}
+
+/// [`unpack_image`] for blobs at hand, without a runtime: up to `parallel`
+/// layers staged on scoped threads, then committed bottom-up. When a layer
+/// fails to stage nothing is committed. The error names the layer by index.
+pub fn unpack_stack<R: Read + Send>(
+    snapshots: &Path,
+    chain_ids: &[String],
+    diff_ids: &[String],
+    blobs: Vec<R>,
+    parallel: usize,
+) -> Result<Vec<Unpacked>, (usize, UnpackError)> {
+    let failure = Failure::new();
+    let queue = Mutex::new(
+        blobs
+            .into_iter()
+            .enumerate()
+            .zip(chain_ids.iter().zip(diff_ids)),
+    );
+    let staged: Mutex<Vec<(usize, Option<Staged>)>> = Mutex::new(Vec::new());
+    std::thread::scope(|scope| {
+        for _ in 0..parallel.clamp(1, chain_ids.len().max(1)) {
+            scope.spawn(|| loop {
+                let next = queue.lock().unwrap_or_else(PoisonError::into_inner).next();
+                let Some(((i, blob), (chain, diff))) = next else {
+                    break;
+                };
+                if failure.stopped() {
+                    break;
+                }
+                let stop = failure.stop.clone();
+                match stage_layer(snapshots, chain, diff, Stoppable { inner: blob, stop }) {
+                    Ok(layer) => staged
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push((i, layer)),
+                    Err(e) => failure.fail((i, e)),
+                }
+            });
+        }
+    });
+    // Dropping the staged layers removes their temp dirs.
+    let mut staged = staged.into_inner().unwrap_or_else(PoisonError::into_inner);
+    if let Some(e) = failure.take() {
+        return Err(e);
+    }
+    staged.sort_by_key(|(i, _)| *i);
+    let mut done: Vec<Unpacked> = Vec::with_capacity(staged.len());
+    for (i, layer) in staged {
+        let unpacked = match layer {
+            Some(layer) => {
+                let lowers: Vec<PathBuf> = done.iter().rev().map(|u| u.path.clone()).collect();
+                layer.commit(&lowers).map_err(|e| (i, e))?
+            }
+            None => Unpacked {
+                path: snapshot_path(snapshots, &chain_ids[i]),
+                created: false,
+            },
+        };
+        done.push(unpacked);
+    }
+    Ok(done)
 }
 
 /// The uncompressed tar stream of a layer blob: gzip, zstd or plain, told
@@ -177,9 +549,18 @@ pub fn decompressed<'a>(blob: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> 
     })
 }
 
-/// Applies the layer into the (empty) directory `root` and returns the diff
-/// ID of the uncompressed tar stream.
-pub fn apply_into(root: &Path, lowers: &[PathBuf], blob: impl Read) -> Result<String, UnpackError> {
+/// What [`apply_into`] did.
+#[derive(Debug)]
+pub struct Applied {
+    /// Of the uncompressed tar stream.
+    pub diff_id: String,
+    /// Directories created for children without their own entry: they
+    /// take their attributes from the layers below ([`Staged::commit`]).
+    pub implicit_dirs: Vec<Vec<String>>,
+}
+
+/// Applies the layer into the (empty) directory `root`.
+pub fn apply_into(root: &Path, blob: impl Read) -> Result<Applied, UnpackError> {
     let decompressed = decompressed(blob).map_err(UnpackError::Tar)?;
     let mut hashing = HashReader {
         inner: decompressed,
@@ -191,20 +572,9 @@ pub fn apply_into(root: &Path, lowers: &[PathBuf], blob: impl Read) -> Result<St
         Mode::empty(),
     )
     .map_err(|e| io_err("open", root)(e.into()))?;
-    let lower_fds = lowers
-        .iter()
-        .filter_map(|l| {
-            rustix::fs::open(
-                l,
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .ok()
-        })
-        .collect();
     let mut applier = Applier {
         root: root_fd,
-        lowers: lower_fds,
+        implicit_dirs: Vec::new(),
         as_root: rustix::process::geteuid().is_root(),
         dir_times: Vec::new(),
     };
@@ -219,7 +589,10 @@ pub fn apply_into(root: &Path, lowers: &[PathBuf], blob: impl Read) -> Result<St
     applier.set_dir_times()?;
     // The diff ID covers the whole tar stream, including its end padding.
     io::copy(&mut hashing, &mut io::sink()).map_err(UnpackError::Tar)?;
-    Ok(finish(hashing.hash))
+    Ok(Applied {
+        diff_id: finish(hashing.hash),
+        implicit_dirs: applier.implicit_dirs,
+    })
 }
 
 struct HashReader<R> {
@@ -266,7 +639,7 @@ fn components(entry: &str, raw: &[u8]) -> Result<Vec<String>, UnpackError> {
 
 struct Applier {
     root: OwnedFd,
-    lowers: Vec<OwnedFd>,
+    implicit_dirs: Vec<Vec<String>>,
     as_root: bool,
     dir_times: Vec<(Vec<String>, u64)>,
 }
@@ -332,6 +705,8 @@ impl Applier {
                 }
                 let fd = open_dir_at(&parent, leaf).map_err(|e| entry_err(&name, "open", e))?;
                 self.set_dir_attrs(&name, &fd, &header, &xattrs)?;
+                // Its own entry wins over the layers below.
+                self.implicit_dirs.retain(|c| *c != comps);
                 self.dir_times.push((comps.clone(), mtime));
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -480,7 +855,7 @@ impl Applier {
     }
 
     /// Opens the parent directory of an entry, creating missing directories
-    /// on the way (attributes copied from the lower snapshots if present).
+    /// on the way (recorded, to take attributes from the layers below).
     fn open_parent(&mut self, entry: &str, parents: &[String]) -> Result<OwnedFd, UnpackError> {
         let escape = |errno: Errno| match errno {
             Errno::XDEV | Errno::LOOP => UnpackError::PathEscape {
@@ -501,58 +876,13 @@ impl Applier {
                 Ok(next) => fd = next,
                 Err(Errno::NOENT) => {
                     mkdir(&fd, &parents[i], entry)?;
-                    self.copy_lower_attrs(entry, &fd, &parents[..=i])?;
+                    self.implicit_dirs.push(parents[..=i].to_vec());
                     fd = self.resolve_beneath(&parents[..=i]).map_err(escape)?;
                 }
                 Err(e) => return Err(escape(e)),
             }
         }
         Ok(fd)
-    }
-
-    /// Gives an implicitly created directory the attributes the same path
-    /// has in the nearest lower snapshot (0755 root, as created, otherwise).
-    fn copy_lower_attrs(
-        &mut self,
-        entry: &str,
-        parent: &OwnedFd,
-        comps: &[String],
-    ) -> Result<(), UnpackError> {
-        let path = comps.join("/");
-        let found = self.lowers.iter().find_map(|lower| {
-            let fd = rustix::fs::openat2(
-                lower,
-                path.as_str(),
-                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-                Mode::empty(),
-                ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-            )
-            .ok()?;
-            rustix::fs::fstat(&fd).ok()
-        });
-        let leaf = comps.last().map(String::as_str).unwrap_or(".");
-        if let Some(st) = found {
-            if self.as_root {
-                rustix::fs::chownat(
-                    parent,
-                    leaf,
-                    Some(rustix::fs::Uid::from_raw(st.st_uid)),
-                    Some(rustix::fs::Gid::from_raw(st.st_gid)),
-                    AtFlags::SYMLINK_NOFOLLOW,
-                )
-                .map_err(|e| entry_err(entry, "chown implicit directory", e.into()))?;
-            }
-            rustix::fs::chmodat(
-                parent,
-                leaf,
-                Mode::from_raw_mode(st.st_mode & 0o7777),
-                AtFlags::empty(),
-            )
-            .map_err(|e| entry_err(entry, "chmod implicit directory", e.into()))?;
-            self.dir_times
-                .push((comps.to_vec(), u64::try_from(st.st_mtime).unwrap_or(0)));
-        }
-        Ok(())
     }
 
     fn set_dir_attrs(
@@ -789,6 +1119,18 @@ mod tests {
             data: &[u8],
             mode: u32,
         ) -> &mut Self {
+            self.add_owned(kind, name, link, data, mode, 0)
+        }
+
+        fn add_owned(
+            &mut self,
+            kind: tar::EntryType,
+            name: &str,
+            link: Option<&str>,
+            data: &[u8],
+            mode: u32,
+            uid: u64,
+        ) -> &mut Self {
             let mut h = tar::Header::new_gnu();
             let gnu = h.as_gnu_mut().unwrap();
             gnu.name[..name.len()].copy_from_slice(name.as_bytes());
@@ -798,8 +1140,8 @@ mod tests {
             h.set_entry_type(kind);
             h.set_size(data.len() as u64);
             h.set_mode(mode);
-            h.set_uid(0);
-            h.set_gid(0);
+            h.set_uid(uid);
+            h.set_gid(uid);
             h.set_mtime(1_000_000);
             h.set_cksum();
             self.builder.as_mut().unwrap().append(&h, data).unwrap();
@@ -940,7 +1282,7 @@ mod tests {
         let zst = zstd::encode_all(&tar[..], 3).unwrap();
         for blob in [&tar, &gz, &zst] {
             let dir = tempfile::tempdir().unwrap();
-            assert_eq!(apply_into(dir.path(), &[], &blob[..]).unwrap(), id);
+            assert_eq!(apply_into(dir.path(), &blob[..]).unwrap().diff_id, id);
             assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"data");
         }
     }
@@ -1102,15 +1444,9 @@ mod tests {
             .file("tmp/x", b"x")
             .file("new/y", b"y")
             .finish();
-        let dir = tempfile::tempdir().unwrap();
-        apply_into(dir.path(), &[lower], &tar[..]).unwrap();
-        let mode = |p: &str| {
-            fs::metadata(dir.path().join(p))
-                .unwrap()
-                .permissions()
-                .mode()
-                & 0o7777
-        };
+        let id = diff_id(&tar);
+        let out = unpack_layer(&fx.snapshots, &id, &id, &[lower], &tar[..]).unwrap();
+        let mode = |p: &str| fs::metadata(out.path.join(p)).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode("tmp"), 0o1777);
         assert_eq!(mode("new"), 0o755);
     }
@@ -1126,5 +1462,338 @@ mod tests {
             "{err}"
         );
         assert_nothing_left(&fx);
+    }
+
+    /// Where the scripted readers of a test meet: how many layers have
+    /// started reading, and whether the failing one has failed.
+    #[derive(Default)]
+    struct Meeting {
+        state: std::sync::Mutex<(usize, bool)>,
+        changed: std::sync::Condvar,
+    }
+
+    impl Meeting {
+        fn update(&self, f: impl FnOnce(&mut (usize, bool))) {
+            f(&mut self.state.lock().unwrap());
+            self.changed.notify_all();
+        }
+
+        /// Whether `cond` came true; the timeout only keeps a broken
+        /// (sequential) unpack from hanging the test.
+        fn wait(&self, cond: impl Fn(&(usize, bool)) -> bool) -> bool {
+            let state = self.state.lock().unwrap();
+            let (_state, waited) = self
+                .changed
+                .wait_timeout_while(state, std::time::Duration::from_secs(20), |s| !cond(s))
+                .unwrap();
+            !waited.timed_out()
+        }
+    }
+
+    type OnRead = Box<dyn FnMut(usize) -> io::Result<()> + Send>;
+
+    /// A layer blob that runs `on_read(n)` before its n-th read.
+    struct Scripted {
+        data: io::Cursor<Vec<u8>>,
+        reads: usize,
+        on_read: OnRead,
+    }
+
+    impl Scripted {
+        fn new(
+            data: Vec<u8>,
+            on_read: impl FnMut(usize) -> io::Result<()> + Send + 'static,
+        ) -> Self {
+            Scripted {
+                data: io::Cursor::new(data),
+                reads: 0,
+                on_read: Box::new(on_read),
+            }
+        }
+    }
+
+    impl Read for Scripted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            (self.on_read)(self.reads)?;
+            self.data.read(buf)
+        }
+    }
+
+    type TestResult = Result<Vec<Unpacked>, (usize, UnpackError)>;
+    type Opened<R> = BoxFuture<'static, Result<R, (usize, UnpackError)>>;
+
+    async fn unpack_async(fx: &Fixture, tars: &[Vec<u8>], blobs: Vec<Scripted>) -> TestResult {
+        unpack_async_opened(
+            fx,
+            tars,
+            blobs
+                .into_iter()
+                .map(|b| -> Opened<Scripted> { Box::pin(async move { Ok(b) }) })
+                .collect(),
+        )
+        .await
+    }
+
+    async fn unpack_async_opened(
+        fx: &Fixture,
+        tars: &[Vec<u8>],
+        open: Vec<Opened<Scripted>>,
+    ) -> TestResult {
+        let diffs: Vec<String> = tars.iter().map(|t| diff_id(t)).collect();
+        unpack_image(
+            &fx.snapshots,
+            &chain_ids(&diffs),
+            &diffs,
+            4,
+            open,
+            |i, e| (i, e),
+            |_, _| {},
+        )
+        .await
+    }
+
+    fn unpack_sync(fx: &Fixture, tars: &[Vec<u8>], blobs: Vec<Scripted>) -> TestResult {
+        let diffs: Vec<String> = tars.iter().map(|t| diff_id(t)).collect();
+        unpack_stack(&fx.snapshots, &chain_ids(&diffs), &diffs, blobs, 4)
+    }
+
+    fn big_layer(name: &str) -> Vec<u8> {
+        Layer::new()
+            .file(name, &vec![7u8; 256 * 1024])
+            .file(&format!("{name}.2"), b"x")
+            .finish()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn upper_layer_staged_first_still_gets_lower_attributes() {
+        let as_root = rustix::process::geteuid().is_root();
+        let fx = fixture();
+        let lower = Layer::new()
+            .add_owned(tar::EntryType::Directory, "tmp/", None, b"", 0o1777, 1234)
+            .file("tmp/keep", b"k")
+            .finish();
+        let upper = Layer::new()
+            .file("tmp/x", b"x")
+            .file("new/y", b"y")
+            .finish();
+        // The lower blob is only handed over once the upper layer has been
+        // read to its end, i.e. applied without any lower snapshot around.
+        let (upper_read, lower_go) = tokio::sync::oneshot::channel::<()>();
+        let mut upper_read = Some(upper_read);
+        let upper_len = upper.len();
+        let mut served = 0;
+        let upper_blob = Scripted::new(upper.clone(), move |_| Ok(()));
+        let upper_blob = OnEnd {
+            inner: upper_blob,
+            at_end: Box::new(move |n| {
+                served += n;
+                if served == upper_len {
+                    if let Some(tx) = upper_read.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }),
+        };
+        let lower_blob = Scripted::new(lower.clone(), |_| Ok(()));
+        let open: Vec<Opened<Box<dyn Read + Send>>> = vec![
+            Box::pin(async move {
+                lower_go.await.unwrap();
+                Ok(Box::new(lower_blob) as Box<dyn Read + Send>)
+            }),
+            Box::pin(async move { Ok(Box::new(upper_blob) as Box<dyn Read + Send>) }),
+        ];
+        let diffs = vec![diff_id(&lower), diff_id(&upper)];
+        let out = unpack_image(
+            &fx.snapshots,
+            &chain_ids(&diffs),
+            &diffs,
+            2,
+            open,
+            |i, e| (i, e),
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+        assert!(out.iter().all(|u| u.created));
+        let meta = |p: &str| fs::metadata(out[1].path.join(p)).unwrap();
+        assert_eq!(meta("tmp").permissions().mode() & 0o7777, 0o1777);
+        assert_eq!(meta("tmp").mtime(), 1_000_000);
+        if as_root {
+            assert_eq!((meta("tmp").uid(), meta("tmp").gid()), (1234, 1234));
+        }
+        assert_eq!(meta("new").permissions().mode() & 0o7777, 0o755);
+        assert_eq!(fs::read(out[1].path.join("tmp/x")).unwrap(), b"x");
+        // Only the two snapshots: no temp dir left.
+        assert_eq!(fs::read_dir(&fx.snapshots).unwrap().count(), 2);
+    }
+
+    /// Calls `at_end(n)` with the byte count of every read.
+    struct OnEnd<R> {
+        inner: R,
+        at_end: Box<dyn FnMut(usize) + Send>,
+    }
+
+    impl<R: Read> Read for OnEnd<R> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.inner.read(buf)?;
+            (self.at_end)(n);
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn explicit_entry_wins_over_implicit_parent() {
+        let fx = fixture();
+        let lower = Layer::new().dir("d/", 0o700).finish();
+        let upper = Layer::new().file("d/f", b"f").dir("d/", 0o750).finish();
+        let tars = [lower.clone(), upper.clone()];
+        let blobs = tars
+            .iter()
+            .map(|t| Scripted::new(t.clone(), |_| Ok(())))
+            .collect();
+        let out = unpack_sync(&fx, &tars, blobs).unwrap();
+        let mode = fs::metadata(out[1].path.join("d"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7777, 0o750);
+    }
+
+    /// Three layers: the bottom one fails once both others are mid-stream
+    /// (read once, blocked on their next read until the failure).
+    fn failing_stack() -> (Vec<Vec<u8>>, Vec<Scripted>) {
+        let tars = vec![big_layer("a"), big_layer("b"), big_layer("c")];
+        let meeting = Arc::new(Meeting::default());
+        let mut blobs = Vec::new();
+        let m = meeting.clone();
+        blobs.push(Scripted::new(tars[0].clone(), move |_| {
+            assert!(m.wait(|s| s.0 == 2), "the other layers never started");
+            m.update(|s| s.1 = true);
+            Err(io::Error::other("connection reset"))
+        }));
+        for tar in &tars[1..] {
+            let m = meeting.clone();
+            blobs.push(Scripted::new(tar.clone(), move |n| {
+                match n {
+                    1 => m.update(|s| s.0 += 1),
+                    2 => assert!(m.wait(|s| s.1), "the bottom layer never failed"),
+                    _ => {}
+                }
+                Ok(())
+            }));
+        }
+        (tars, blobs)
+    }
+
+    fn assert_failed_at_bottom(fx: &Fixture, result: TestResult) {
+        match result {
+            Err((0, UnpackError::Tar(e))) => assert!(e.to_string().contains("reset"), "{e}"),
+            other => panic!("expected layer 0's read error, got {other:?}"),
+        }
+        assert_nothing_left(fx);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failure_while_others_unpack_leaves_nothing() {
+        let fx = fixture();
+        let (tars, blobs) = failing_stack();
+        assert_failed_at_bottom(&fx, unpack_async(&fx, &tars, blobs).await);
+
+        let fx = fixture();
+        let (tars, blobs) = failing_stack();
+        assert_failed_at_bottom(&fx, unpack_sync(&fx, &tars, blobs));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn open_failure_stops_the_layers_in_flight() {
+        let fx = fixture();
+        let tars = vec![big_layer("a"), big_layer("b")];
+        let meeting = Arc::new(Meeting::default());
+        let m = meeting.clone();
+        // Layer 1 is mid-stream when layer 0's download fails.
+        let upper = Scripted::new(tars[1].clone(), move |n| {
+            match n {
+                1 => m.update(|s| s.0 += 1),
+                2 => assert!(m.wait(|s| s.1), "the download never failed"),
+                _ => {}
+            }
+            Ok(())
+        });
+        let m = meeting.clone();
+        let open: Vec<Opened<Scripted>> = vec![
+            Box::pin(async move {
+                let waited = tokio::task::spawn_blocking(move || {
+                    let started = m.wait(|s| s.0 == 1);
+                    m.update(|s| s.1 = true);
+                    started
+                });
+                assert!(waited.await.unwrap(), "layer 1 never started");
+                Err((0, UnpackError::Task("download failed".to_owned())))
+            }),
+            Box::pin(async move { Ok(upper) }),
+        ];
+        let result = unpack_async_opened(&fx, &tars, open).await;
+        assert!(
+            matches!(result, Err((0, UnpackError::Task(_)))),
+            "{result:?}"
+        );
+        assert_nothing_left(&fx);
+    }
+
+    /// Every layer's first read waits until all of them have started: only
+    /// a parallel unpack gets through (a sequential one times out).
+    fn meeting_stack(n: usize) -> (Vec<Vec<u8>>, Vec<Scripted>) {
+        let tars: Vec<Vec<u8>> = (0..n).map(|i| big_layer(&format!("f{i}"))).collect();
+        let meeting = Arc::new(Meeting::default());
+        let blobs = tars
+            .iter()
+            .map(|tar| {
+                let m = meeting.clone();
+                Scripted::new(tar.clone(), move |read| {
+                    if read == 1 {
+                        m.update(|s| s.0 += 1);
+                        assert!(
+                            m.wait(|s| s.0 == n),
+                            "layers were not unpacked concurrently"
+                        );
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        (tars, blobs)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn layers_unpack_concurrently() {
+        let fx = fixture();
+        let (tars, blobs) = meeting_stack(3);
+        let out = unpack_async(&fx, &tars, blobs).await.unwrap();
+        assert_eq!(out.len(), 3);
+        assert!(out.iter().all(|u| u.created && u.path.is_dir()));
+
+        let fx = fixture();
+        let (tars, blobs) = meeting_stack(3);
+        let out = unpack_sync(&fx, &tars, blobs).unwrap();
+        assert_eq!(fs::read_dir(&fx.snapshots).unwrap().count(), 3);
+        assert_eq!(fs::read(out[2].path.join("f2.2")).unwrap(), b"x");
+
+        // Again: every snapshot is there already, nothing is redone.
+        let blobs = tars
+            .iter()
+            .map(|t| Scripted::new(t.clone(), |_| Ok(())))
+            .collect();
+        let again = unpack_sync(&fx, &tars, blobs).unwrap();
+        assert!(again.iter().all(|u| !u.created));
+        assert_eq!(
+            again,
+            out.iter()
+                .map(|u| Unpacked {
+                    created: false,
+                    ..u.clone()
+                })
+                .collect::<Vec<_>>()
+        );
     }
 }
