@@ -24,6 +24,7 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tokio_tungstenite::tungstenite;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 const IMAGE: &str = "localhost/bosun/busybox:e2e";
@@ -644,6 +645,180 @@ async fn a_pod_can_pick_debians_runc_as_its_runtime_handler() -> Result<()> {
     assert!(String::from_utf8_lossy(&listed.stdout).contains(&id));
     let log = fs::read_to_string(logs.join("c/0.log"))?;
     assert!(log.contains("stdout F via runc"), "{log}");
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await?;
+    Ok(())
+}
+
+/// What one exec session sent back.
+#[derive(Debug, Default)]
+struct ExecOutput {
+    stdout: String,
+    stderr: String,
+    status: String,
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+/// Opens an exec URL with `protocol`, from inside the node netns where
+/// the daemon's loopback address lives.
+async fn ws_connect(
+    node: &NodeNs,
+    url: &str,
+    protocol: &str,
+) -> Result<std::result::Result<Ws, tungstenite::Error>> {
+    use tungstenite::client::IntoClientRequest;
+    let addr = url
+        .strip_prefix("http://")
+        .and_then(|rest| rest.split('/').next())
+        .context("URL without host")?
+        .to_owned();
+    let netns = fs::File::open(Path::new("/run/netns").join(&node.0))?;
+    // setns affects only this thread; the socket stays in the node netns.
+    let stream = std::thread::spawn(move || -> Result<std::net::TcpStream> {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(std::net::TcpStream::connect(addr)?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))??;
+    stream.set_nonblocking(true)?;
+    let stream = tokio::net::TcpStream::from_std(stream)?;
+    let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", protocol.parse()?);
+    Ok(tokio_tungstenite::client_async(request, stream)
+        .await
+        .map(|(ws, _)| ws))
+}
+
+fn frame(channel: u8, data: &[u8]) -> tungstenite::Message {
+    tungstenite::Message::binary([&[channel], data].concat())
+}
+
+/// Reads frames until the server closes the connection.
+async fn ws_collect(ws: &mut Ws) -> Result<ExecOutput> {
+    use futures_util::StreamExt;
+    let mut out = ExecOutput::default();
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(20), ws.next())
+        .await
+        .context("exec output timed out")?
+    {
+        let tungstenite::Message::Binary(data) = message? else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&data[1..]).into_owned();
+        match data[0] {
+            1 => out.stdout += &text,
+            2 => out.stderr += &text,
+            3 => out.status += &text,
+            other => bail!("unexpected channel {other}"),
+        }
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_streams_over_websocket() -> Result<()> {
+    use futures_util::SinkExt;
+    if !require_root("bosun-cri end to end") {
+        return Ok(());
+    }
+    let daemon = Daemon::new("10.233.0.0/24").await?;
+    let mut rt = RuntimeServiceClient::new(daemon.channel().await?);
+    let logs = daemon.dir.path().join("pod-logs");
+    let sandbox_config = pod_config("shell", &logs);
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    let id = rt
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config("sh", "exec sleep 1000")),
+            sandbox_config: Some(sandbox_config),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}: {}", daemon.log()))?
+        .into_inner()
+        .container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await?;
+    let exec = |cmd: &[&str], tty: bool| cri::ExecRequest {
+        container_id: id.clone(),
+        cmd: cmd.iter().map(|s| s.to_string()).collect(),
+        tty,
+        stdin: true,
+        stdout: true,
+        stderr: !tty,
+    };
+
+    // v5: stdin, its close, both outputs and a non-zero exit.
+    let url = rt
+        .exec(exec(
+            &["sh", "-c", "read x; echo got $x; echo err >&2; exit 3"],
+            false,
+        ))
+        .await?
+        .into_inner()
+        .url;
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let mut ws = ws_connect(&daemon.node, &url, "v5.channel.k8s.io")
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}: {}", daemon.log()))?;
+    ws.send(frame(0, b"hello\n")).await?;
+    ws.send(frame(255, &[0])).await?;
+    let out = ws_collect(&mut ws).await?;
+    assert_eq!(out.stdout, "got hello\n", "{out:?}");
+    assert_eq!(out.stderr, "err\n", "{out:?}");
+    let status: serde_json::Value = serde_json::from_str(&out.status)?;
+    assert_eq!(status["status"], "Failure", "{status}");
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
+
+    // The token worked once; unknown tokens are not found either.
+    for url in [url.clone(), url.replace("/exec/", "/exec/0")] {
+        match ws_connect(&daemon.node, &url, "v5.channel.k8s.io").await? {
+            Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 404),
+            other => bail!("{url}: {other:?}"),
+        }
+    }
+
+    // v4, tty: a resize applies to the pty before the command reads it.
+    let url = rt
+        .exec(exec(&["sh", "-c", "read x; stty size"], true))
+        .await?
+        .into_inner()
+        .url;
+    let mut ws = ws_connect(&daemon.node, &url, "v4.channel.k8s.io")
+        .await?
+        .map_err(|e| anyhow::anyhow!("{e}: {}", daemon.log()))?;
+    ws.send(frame(4, br#"{"Width":123,"Height":45}"#)).await?;
+    ws.send(frame(0, b"\n")).await?;
+    let out = ws_collect(&mut ws).await?;
+    assert!(out.stdout.contains("45 123"), "{out:?}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out.status)?["status"],
+        "Success",
+        "{out:?}"
+    );
+
+    // A stopped container has nothing to exec in.
+    rt.stop_container(cri::StopContainerRequest {
+        container_id: id.clone(),
+        timeout: 0,
+    })
+    .await?;
+    let refused = rt.exec(exec(&["true"], false)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod,
     })

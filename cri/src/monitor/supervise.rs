@@ -390,7 +390,7 @@ fn run_with_console(
 }
 
 /// Receives one fd sent with SCM_RIGHTS.
-fn receive_fd(stream: &UnixStream) -> Result<OwnedFd, String> {
+pub(crate) fn receive_fd(stream: &UnixStream) -> Result<OwnedFd, String> {
     let _ = stream.set_nonblocking(false);
     let mut buf = [0u8; 4096];
     let mut iov = [IoSliceMut::new(&mut buf)];

@@ -11,6 +11,7 @@ pub mod rootfs;
 pub mod runtime;
 pub mod state;
 pub mod stats;
+pub mod streaming;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -98,15 +99,23 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf));
     let socket = config.socket.clone();
-    let runtime = runtime::Runtime::new(config, images.clone(), daemon_dir).map_err(setup)?;
+    let (streaming, stream_listener) =
+        streaming::Streaming::bind(&config.stream_address, config.state.join("exec"))
+            .await
+            .map_err(setup)?;
+    let runtime = runtime::Runtime::new(config, images.clone(), daemon_dir, streaming.clone())
+        .map_err(setup)?;
     let listener = bind(&socket)?;
-    tracing::info!(socket = %socket.display(), "bosun-cri serving CRI v1");
+    tracing::info!(socket = %socket.display(), stream = %streaming.addr(), "bosun-cri serving CRI v1");
+    let stream_server = tokio::spawn(streaming::serve(streaming, stream_listener));
     let users: Arc<dyn images::ImageUsers> = runtime.clone();
-    tonic::transport::Server::builder()
+    let served = tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::from_arc(runtime))
         .add_service(ImageServiceServer::new(images::Images::new(images, users)))
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
-        .await?;
+        .await;
+    stream_server.abort();
+    served?;
     tracing::info!("bosun-cri stopped; containers keep running under their monitors");
     let _ = std::fs::remove_file(&socket);
     Ok(())

@@ -22,6 +22,7 @@ use super::records::Records;
 use super::rootfs;
 use super::state::{container_name, matches_labels, ContainerRecord, Phase, SandboxRecord};
 use super::stats;
+use super::streaming::{ExecSpec, Streaming};
 use crate::image::reference::Digest;
 use crate::image::service::ImageService;
 use crate::image::unpack::snapshot_path;
@@ -49,6 +50,7 @@ pub struct Runtime {
     monitor: PathBuf,
     tables: Mutex<Tables>,
     events: broadcast::Sender<cri::ContainerEventResponse>,
+    streaming: Arc<Streaming>,
 }
 
 fn now_ns() -> i64 {
@@ -102,6 +104,7 @@ impl Runtime {
         config: Config,
         images: ImageService,
         daemon_dir: Option<PathBuf>,
+        streaming: Arc<Streaming>,
     ) -> Result<Arc<Self>, String> {
         let cni = sandbox::cni::Cni::new(
             config.cni_conf_dir.clone(),
@@ -135,6 +138,7 @@ impl Runtime {
             monitor,
             tables: Mutex::new(tables),
             events,
+            streaming,
         });
         runtime.reconcile();
         Ok(runtime)
@@ -1016,17 +1020,52 @@ impl RuntimeService for Runtime {
 
     async fn exec(
         &self,
-        _request: Request<cri::ExecRequest>,
+        request: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(Status::unimplemented(
-            "streaming exec is not served yet by bosun-cri; ExecSync works",
-        ))
+        let request = request.into_inner();
+        let record = self.container(&request.container_id).ok_or_else(|| {
+            Status::not_found(format!("container {} not found", request.container_id))
+        })?;
+        if record.phase != Phase::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                record.id
+            )));
+        }
+        if request.cmd.is_empty() {
+            return Err(Status::invalid_argument("cmd is required"));
+        }
+        if !(request.stdin || request.stdout || request.stderr) {
+            return Err(Status::invalid_argument(
+                "one of stdin, stdout and stderr must be set",
+            ));
+        }
+        if request.tty && request.stderr {
+            return Err(Status::invalid_argument(
+                "tty and stderr cannot both be set (a tty merges them)",
+            ));
+        }
+        let url = self
+            .streaming
+            .exec_url(ExecSpec {
+                runtime: record.runtime,
+                root: record.runtime_root,
+                id: record.id,
+                cmd: request.cmd,
+                tty: request.tty,
+                stdin: request.stdin,
+                stdout: request.stdout,
+                stderr: request.stderr,
+            })
+            .map_err(internal)?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
         _request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
+        // The monitor owns the container's stdio and has no attach socket yet.
         Err(Status::unimplemented(
             "streaming attach is not served yet by bosun-cri",
         ))
@@ -1036,6 +1075,8 @@ impl RuntimeService for Runtime {
         &self,
         _request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        // crictl and kubectl speak SPDY for it, over WebSocket tunnelling
+        // at best; the streaming server serves WebSocket channels only.
         Err(Status::unimplemented(
             "port forwarding is not served yet by bosun-cri",
         ))
