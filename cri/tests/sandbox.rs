@@ -499,7 +499,7 @@ fn a_pinned_pid_namespace_without_its_init_is_unusable() -> Result<()> {
 /// Pinning net+ipc+uts vs. an infra process holding them. Not a timed
 /// test: run with `--ignored --nocapture` to print the table.
 #[test]
-#[ignore]
+#[ignore = "a measurement, not a check: run with --ignored --nocapture to print the table"]
 fn measure_pinning_vs_infra() -> Result<()> {
     if !require_root("namespaces") {
         return Ok(());
