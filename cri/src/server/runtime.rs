@@ -211,6 +211,31 @@ impl Runtime {
         self.tables().sandboxes.resolve(id).cloned()
     }
 
+    /// A sandbox by ID or unique prefix; NotFound otherwise.
+    fn known_sandbox(&self, id: &str) -> Result<SandboxRecord, Status> {
+        self.sandbox(id)
+            .ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))
+    }
+
+    /// A container by ID or unique prefix; NotFound otherwise, as the
+    /// kubelet expects.
+    fn known_container(&self, id: &str) -> Result<ContainerRecord, Status> {
+        self.container(id)
+            .ok_or_else(|| Status::not_found(format!("container {id} not found")))
+    }
+
+    /// Like [`Self::known_container`], and it must be running.
+    fn running_container(&self, id: &str) -> Result<ContainerRecord, Status> {
+        let record = self.known_container(id)?;
+        if record.phase != Phase::Running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                record.id
+            )));
+        }
+        Ok(record)
+    }
+
     fn container(&self, id: &str) -> Option<ContainerRecord> {
         self.reconcile_one(id);
         self.tables().containers.resolve(id).cloned()
@@ -559,9 +584,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::PodSandboxStatusRequest>,
     ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
         let request = request.into_inner();
-        let record = self.sandbox(&request.pod_sandbox_id).ok_or_else(|| {
-            Status::not_found(format!("pod sandbox {} not found", request.pod_sandbox_id))
-        })?;
+        let record = self.known_sandbox(&request.pod_sandbox_id)?;
         let containers_statuses = self
             .containers_of(&record.id)
             .iter()
@@ -609,9 +632,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
         let request = request.into_inner();
-        let sandbox = self.sandbox(&request.pod_sandbox_id).ok_or_else(|| {
-            Status::not_found(format!("pod sandbox {} not found", request.pod_sandbox_id))
-        })?;
+        let sandbox = self.known_sandbox(&request.pod_sandbox_id)?;
         if !sandbox.ready {
             return Err(Status::failed_precondition(format!(
                 "pod sandbox {} is not ready",
@@ -796,9 +817,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
         let id = request.into_inner().container_id;
-        let mut record = self
-            .container(&id)
-            .ok_or_else(|| Status::not_found(format!("container {id} not found")))?;
+        let mut record = self.known_container(&id)?;
         if record.phase != Phase::Created {
             return Err(Status::failed_precondition(format!(
                 "container {} is {:?}, not created",
@@ -901,9 +920,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ContainerStatusRequest>,
     ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
         let request = request.into_inner();
-        let record = self.container(&request.container_id).ok_or_else(|| {
-            Status::not_found(format!("container {} not found", request.container_id))
-        })?;
+        let record = self.known_container(&request.container_id)?;
         let mut info = HashMap::new();
         if request.verbose {
             info.insert(
@@ -922,9 +939,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
         let request = request.into_inner();
-        let mut record = self.container(&request.container_id).ok_or_else(|| {
-            Status::not_found(format!("container {} not found", request.container_id))
-        })?;
+        let mut record = self.known_container(&request.container_id)?;
         let Some(linux) = request.linux else {
             return Ok(Response::new(cri::UpdateContainerResourcesResponse {}));
         };
@@ -957,14 +972,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ReopenContainerLogRequest>,
     ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
         let id = request.into_inner().container_id;
-        let record = self
-            .container(&id)
-            .ok_or_else(|| Status::not_found(format!("container {id} not found")))?;
-        if record.phase != Phase::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {id} is not running"
-            )));
-        }
+        let record = self.running_container(&id)?;
         let dir = record.monitor_dir.clone();
         blocking(move || monitor::reopen_log(&dir).map_err(internal)).await?;
         Ok(Response::new(cri::ReopenContainerLogResponse {}))
@@ -975,15 +983,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ExecSyncRequest>,
     ) -> Result<Response<cri::ExecSyncResponse>, Status> {
         let request = request.into_inner();
-        let record = self.container(&request.container_id).ok_or_else(|| {
-            Status::not_found(format!("container {} not found", request.container_id))
-        })?;
-        if record.phase != Phase::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
+        let record = self.running_container(&request.container_id)?;
         if request.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is required"));
         }
@@ -1023,15 +1023,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
         let request = request.into_inner();
-        let record = self.container(&request.container_id).ok_or_else(|| {
-            Status::not_found(format!("container {} not found", request.container_id))
-        })?;
-        if record.phase != Phase::Running {
-            return Err(Status::failed_precondition(format!(
-                "container {} is not running",
-                record.id
-            )));
-        }
+        let record = self.running_container(&request.container_id)?;
         if request.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is required"));
         }
@@ -1087,9 +1079,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::ContainerStatsRequest>,
     ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
         let id = request.into_inner().container_id;
-        let record = self
-            .container(&id)
-            .ok_or_else(|| Status::not_found(format!("container {id} not found")))?;
+        let record = self.known_container(&id)?;
         let stats = blocking(move || Ok(stats::container(&record))).await?;
         Ok(Response::new(cri::ContainerStatsResponse {
             stats: Some(stats),
@@ -1123,9 +1113,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
         let id = request.into_inner().pod_sandbox_id;
-        let sandbox = self
-            .sandbox(&id)
-            .ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))?;
+        let sandbox = self.known_sandbox(&id)?;
         let containers = self.containers_of(&sandbox.id);
         let stats = blocking(move || Ok(stats::sandbox(&sandbox, &containers))).await?;
         Ok(Response::new(cri::PodSandboxStatsResponse {
