@@ -3,50 +3,6 @@
 
 use serde_json::{json, Value};
 
-const CAPABILITIES: [&str; 41] = [
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
-
 const MOUNT_OPTIONS: [&str; 63] = [
     "acl",
     "async",
@@ -117,7 +73,7 @@ const MOUNT_OPTIONS: [&str; 63] = [
 /// running kernel knows (`/proc/sys/kernel/cap_last_cap` + 1); newer names are
 /// left out so clients don't ask for what the kernel lacks.
 pub fn features(kernel_caps: usize) -> Value {
-    let caps: Vec<&str> = CAPABILITIES.iter().take(kernel_caps).copied().collect();
+    let caps: Vec<String> = capability_names().into_iter().take(kernel_caps).collect();
     json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": "1.2.0",
@@ -159,7 +115,14 @@ pub fn kernel_cap_count() -> usize {
         .ok()
         .and_then(|s| s.trim().parse::<usize>().ok())
         .map(|last| last + 1)
-        .unwrap_or(CAPABILITIES.len())
+        .unwrap_or_else(|| caps::all().len())
+}
+
+/// Every capability name the `caps` crate knows, ordered by number.
+pub fn capability_names() -> Vec<String> {
+    let mut all: Vec<caps::Capability> = caps::all().into_iter().collect();
+    all.sort_by_key(caps::Capability::index);
+    all.iter().map(ToString::to_string).collect()
 }
 
 #[cfg(test)]

@@ -5,50 +5,12 @@ use k8s_cri::v1::Capability;
 
 use super::SpecError;
 
-/// Linux capabilities by number (include/uapi/linux/capability.h).
-const ALL: &[&str] = &[
-    "CAP_CHOWN",
-    "CAP_DAC_OVERRIDE",
-    "CAP_DAC_READ_SEARCH",
-    "CAP_FOWNER",
-    "CAP_FSETID",
-    "CAP_KILL",
-    "CAP_SETGID",
-    "CAP_SETUID",
-    "CAP_SETPCAP",
-    "CAP_LINUX_IMMUTABLE",
-    "CAP_NET_BIND_SERVICE",
-    "CAP_NET_BROADCAST",
-    "CAP_NET_ADMIN",
-    "CAP_NET_RAW",
-    "CAP_IPC_LOCK",
-    "CAP_IPC_OWNER",
-    "CAP_SYS_MODULE",
-    "CAP_SYS_RAWIO",
-    "CAP_SYS_CHROOT",
-    "CAP_SYS_PTRACE",
-    "CAP_SYS_PACCT",
-    "CAP_SYS_ADMIN",
-    "CAP_SYS_BOOT",
-    "CAP_SYS_NICE",
-    "CAP_SYS_RESOURCE",
-    "CAP_SYS_TIME",
-    "CAP_SYS_TTY_CONFIG",
-    "CAP_MKNOD",
-    "CAP_LEASE",
-    "CAP_AUDIT_WRITE",
-    "CAP_AUDIT_CONTROL",
-    "CAP_SETFCAP",
-    "CAP_MAC_OVERRIDE",
-    "CAP_MAC_ADMIN",
-    "CAP_SYSLOG",
-    "CAP_WAKE_ALARM",
-    "CAP_BLOCK_SUSPEND",
-    "CAP_AUDIT_READ",
-    "CAP_PERFMON",
-    "CAP_BPF",
-    "CAP_CHECKPOINT_RESTORE",
-];
+/// Linux capabilities by number, as the `caps` crate names them.
+fn all_names() -> Vec<String> {
+    let mut all: Vec<caps::Capability> = caps::all().into_iter().collect();
+    all.sort_by_key(caps::Capability::index);
+    all.iter().map(ToString::to_string).collect()
+}
 
 /// containerd's (and Docker's) default set for unprivileged containers.
 pub const DEFAULT_CAPABILITIES: &[&str] = &[
@@ -82,10 +44,9 @@ pub struct CapabilitySets {
 /// /proc/sys/kernel/cap_last_cap); naming one the kernel lacks makes
 /// runtimes fail.
 pub fn all_capabilities(last_cap: u32) -> Vec<String> {
-    ALL.iter()
-        .take(usize::try_from(last_cap).map_or(ALL.len(), |n| n.saturating_add(1)))
-        .map(|c| (*c).to_owned())
-        .collect()
+    let all = all_names();
+    let count = usize::try_from(last_cap).map_or(all.len(), |n| n.saturating_add(1));
+    all.into_iter().take(count).collect()
 }
 
 /// Applies containerd's rules: start from the defaults (or everything when
@@ -155,7 +116,7 @@ fn canonical(field: &'static str, name: &str) -> Result<String, SpecError> {
     } else {
         format!("CAP_{upper}")
     };
-    if ALL.contains(&cap.as_str()) {
+    if all_names().contains(&cap) {
         Ok(cap)
     } else {
         Err(SpecError::Invalid {
@@ -167,7 +128,8 @@ fn canonical(field: &'static str, name: &str) -> Result<String, SpecError> {
 }
 
 fn sorted(mut caps: Vec<String>) -> Vec<String> {
-    caps.sort_by_key(|c| ALL.iter().position(|a| a == c));
+    let all = all_names();
+    caps.sort_by_key(|c| all.iter().position(|a| a == c));
     caps
 }
 
