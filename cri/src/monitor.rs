@@ -9,7 +9,7 @@
 //! ```text
 //! bosun-cri-monitor --id <cid> --bundle <dir> --runtime <oci runtime>
 //!     --runtime-root <dir> --log-path <file> --state-dir <dir>
-//!     [--tty] [--stdin] [--systemd-cgroup] [--sync-fd <fd>]
+//!     [--tty] [--stdin [--stdin-once]] [--systemd-cgroup] [--sync-fd <fd>]
 //! ```
 //!
 //! It forks: the process that was started exits 0 at once (so the caller
@@ -31,6 +31,7 @@
 //! - `pid`: the container's pid, written by the runtime (`--pid-file`).
 //! - `runtime.log`: the runtime's own log (`--log`, JSON), kept for debugging.
 //! - `ctl.sock`: the control socket, mode 0600, gone once the monitor exits.
+//! - `attach.sock`: the attach socket, mode 0600, gone once the monitor exits.
 //! - `exit.json`: how the container ended ([`ExitInfo`]), written atomically
 //!   right before the monitor exits; also on create failure.
 //!
@@ -44,7 +45,18 @@
 //! `error: <reason>\n` and closes. `reopen-log` answers only after every
 //! line read so far is in the old file; later lines go to the new one, and a
 //! line is never split across the two.
-
+//!
+//! # Attach protocol (`attach.sock`)
+//!
+//! Any number of clients. A client's first byte is `1` if it sends stdin,
+//! `0` if it only wants output; with `1`, everything after it goes to the
+//! container's stdin (the pipe, or the terminal) and EOF ends its input —
+//! which closes the container's stdin if it was created with
+//! `--stdin-once` (a terminal gets ^D instead). The monitor sends every
+//! piece of output as `[stream: u8][length: u32 big-endian][bytes]`,
+//! stream 1 for stdout (and the terminal), 2 for stderr, and closes the
+//! connection once the container exited and its output is out. A client
+//! that falls 4 MiB behind is dropped.
 pub mod crilog;
 mod oom;
 pub mod supervise;
@@ -70,6 +82,8 @@ pub const MONITOR_PID_FILE: &str = "monitor.pid";
 pub const CONTAINER_PID_FILE: &str = "pid";
 /// The control socket.
 pub const CONTROL_SOCKET: &str = "ctl.sock";
+/// The attach socket.
+pub const ATTACH_SOCKET: &str = "attach.sock";
 /// How the container exited.
 pub const EXIT_FILE: &str = "exit.json";
 /// The runtime's own log.
@@ -167,6 +181,8 @@ pub struct SpawnOptions {
     pub tty: bool,
     /// Keep the container's stdin open (`stdin: true` in the CRI config).
     pub stdin: bool,
+    /// Close it after the first attach (`stdin_once`).
+    pub stdin_once: bool,
     pub systemd_cgroup: bool,
     /// How long `runtime create` may take.
     pub timeout: Duration,
@@ -211,6 +227,7 @@ pub fn spawn(opts: &SpawnOptions) -> Result<MonitorHandle, MonitorError> {
     for (set, flag) in [
         (opts.tty, "--tty"),
         (opts.stdin, "--stdin"),
+        (opts.stdin && opts.stdin_once, "--stdin-once"),
         (opts.systemd_cgroup, "--systemd-cgroup"),
     ] {
         if set {

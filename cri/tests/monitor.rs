@@ -90,6 +90,7 @@ impl Fixture {
             state_dir: self.state_dir(),
             tty: self.bundle.config["process"]["terminal"] == true,
             stdin: false,
+            stdin_once: false,
             systemd_cgroup: false,
             timeout: TIMEOUT,
         }
@@ -354,6 +355,7 @@ fn helper() -> Result<()> {
         state_dir: state.into(),
         tty: false,
         stdin: true,
+        stdin_once: false,
         systemd_cgroup: false,
         timeout: TIMEOUT,
     })?;

@@ -22,8 +22,8 @@ use nix::unistd::{dup2, fork, pipe2, setsid, ForkResult, Pid};
 
 use super::crilog::{self, LineSplitter, Stream};
 use super::{
-    oom, ExitInfo, ExitReason, SyncMessage, CONTAINER_PID_FILE, CONTROL_SOCKET, EXIT_FILE,
-    MONITOR_PID_FILE, RUNTIME_LOG,
+    oom, ExitInfo, ExitReason, SyncMessage, ATTACH_SOCKET, CONTAINER_PID_FILE, CONTROL_SOCKET,
+    EXIT_FILE, MONITOR_PID_FILE, RUNTIME_LOG,
 };
 
 /// The monitor's command line.
@@ -57,6 +57,10 @@ pub struct Args {
     /// Keep the container's stdin open.
     #[arg(long)]
     pub stdin: bool,
+    /// Close the container's stdin when the first attached client that
+    /// sent stdin detaches.
+    #[arg(long)]
+    pub stdin_once: bool,
     /// Pass `--systemd-cgroup` to the runtime.
     #[arg(long)]
     pub systemd_cgroup: bool,
@@ -69,6 +73,11 @@ pub struct Args {
 const READ_SIZE: usize = 64 * 1024;
 /// How long a control client may take to send its command.
 const CONTROL_READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// Output an attached client has not taken yet; beyond it the client is
+/// dropped rather than slowing down logging.
+const ATTACH_BACKLOG: usize = 4 << 20;
+/// How long attached clients get to take the last output at exit.
+const ATTACH_DRAIN: Duration = Duration::from_secs(1);
 
 /// Entry point of `bosun-cri-monitor`.
 pub fn main(args: &Args) -> ExitCode {
@@ -101,11 +110,13 @@ pub fn main(args: &Args) -> ExitCode {
             let status = monitor.run();
             let info = monitor.finish(status);
             let _ = fs::remove_file(state.join(CONTROL_SOCKET));
+            let _ = fs::remove_file(state.join(ATTACH_SOCKET));
             let _ = write_exit(state, &info);
             ExitCode::SUCCESS
         }
         Err(message) => {
             let _ = fs::remove_file(state.join(CONTROL_SOCKET));
+            let _ = fs::remove_file(state.join(ATTACH_SOCKET));
             let info = ExitInfo {
                 exit_code: -1,
                 signal: None,
@@ -177,10 +188,16 @@ struct Output {
     file: File,
     splitter: LineSplitter,
     open: bool,
+    /// Its number in the attach protocol.
+    channel: u8,
 }
 
 impl Output {
     fn new(fd: OwnedFd, stream: Stream) -> io::Result<Self> {
+        let channel = match stream {
+            Stream::Stdout => 1,
+            Stream::Stderr => 2,
+        };
         // Non-blocking, so draining after the container exits cannot hang on
         // a pipe that a leftover process still holds.
         let flags = OFlag::from_bits_retain(fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL)?);
@@ -189,6 +206,7 @@ impl Output {
             file: File::from(fd),
             splitter: LineSplitter::new(stream),
             open: true,
+            channel,
         })
     }
 }
@@ -237,8 +255,17 @@ struct Monitor {
     /// The pty master is `outputs[0]`.
     tty: bool,
     control: UnixListener,
-    /// Held so the container's stdin stays open for a later attach.
-    _stdin: Option<OwnedFd>,
+    attach: UnixListener,
+    clients: Vec<Attached>,
+    /// Where attached clients' input goes (non-blocking): the stdin pipe,
+    /// or the pty master. Held even with nobody attached, so the container
+    /// does not see EOF.
+    stdin: Option<File>,
+    stdin_once: bool,
+    /// Input not yet taken by the container.
+    stdin_pending: Vec<u8>,
+    /// Close `stdin` once `stdin_pending` is written.
+    stdin_closing: bool,
     /// The OOM kill counter file and its value at create.
     oom: Option<(PathBuf, u64)>,
     buf: Vec<u8>,
@@ -253,6 +280,7 @@ fn create(args: &Args) -> Result<Monitor, String> {
     let log = LogFile::open(&args.log_path)
         .map_err(|e| format!("open log {}: {e}", args.log_path.display()))?;
     let control = bind_private(&state.join(CONTROL_SOCKET))?;
+    let attach = bind_private(&state.join(ATTACH_SOCKET))?;
 
     let mut cmd = Command::new(&args.runtime);
     cmd.arg("--root").arg(&args.runtime_root);
@@ -331,6 +359,17 @@ fn create(args: &Args) -> Result<Monitor, String> {
         delete_container(args);
         return Err("the runtime never sent the pty master to the console socket".into());
     }
+    let stdin = match (args.stdin, args.tty) {
+        (false, _) => None,
+        // The master is non-blocking already (see Output::new).
+        (true, true) => Some(
+            outputs[0]
+                .file
+                .try_clone()
+                .map_err(|e| format!("dup pty: {e}"))?,
+        ),
+        (true, false) => stdin_keep.map(nonblocking).transpose()?,
+    };
     let oom = oom::counter_file(pid.as_raw())
         .and_then(|file| Some((oom::read_kills(&file)?, file)))
         .map(|(count, file)| (file, count));
@@ -340,11 +379,84 @@ fn create(args: &Args) -> Result<Monitor, String> {
         outputs,
         tty: args.tty,
         control,
-        _stdin: stdin_keep,
+        attach,
+        clients: Vec::new(),
+        stdin,
+        stdin_once: args.stdin_once,
+        stdin_pending: Vec::new(),
+        stdin_closing: false,
         oom,
         buf: vec![0; READ_SIZE],
         records: Vec::new(),
     })
+}
+
+fn nonblocking(fd: OwnedFd) -> Result<File, String> {
+    let set = fcntl(fd.as_raw_fd(), FcntlArg::F_GETFL).and_then(|flags| {
+        let flags = OFlag::from_bits_retain(flags) | OFlag::O_NONBLOCK;
+        fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags))
+    });
+    set.map_err(|e| format!("make stdin non-blocking: {e}"))?;
+    Ok(File::from(fd))
+}
+
+/// An attached client (the protocol is in [`super`]).
+struct Attached {
+    stream: UnixStream,
+    /// `None` until its first byte said whether it sends stdin.
+    sends_stdin: Option<bool>,
+    /// Framed output not yet written to it.
+    pending: Vec<u8>,
+    /// It sent EOF.
+    read_done: bool,
+    /// Gone or too slow: removed after this round.
+    dead: bool,
+}
+
+impl Attached {
+    fn interest(&self, take_input: bool) -> PollFlags {
+        let mut flags = PollFlags::empty();
+        if !self.read_done && take_input {
+            flags |= PollFlags::POLLIN;
+        }
+        if !self.pending.is_empty() {
+            flags |= PollFlags::POLLOUT;
+        }
+        flags
+    }
+
+    /// Writes what it can without blocking.
+    fn flush(&mut self) {
+        while !self.pending.is_empty() && !self.dead {
+            match (&self.stream).write(&self.pending) {
+                Ok(n) => {
+                    self.pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.dead = true,
+            }
+        }
+    }
+}
+
+/// Queues one piece of output to every attached client.
+fn broadcast(clients: &mut [Attached], channel: u8, data: &[u8]) {
+    if data.is_empty() {
+        return;
+    }
+    for client in clients.iter_mut().filter(|c| !c.dead) {
+        if client.pending.len() + data.len() > ATTACH_BACKLOG {
+            client.dead = true;
+            continue;
+        }
+        client.pending.push(channel);
+        client
+            .pending
+            .extend_from_slice(&(data.len() as u32).to_be_bytes());
+        client.pending.extend_from_slice(data);
+        client.flush();
+    }
 }
 
 /// A unix socket only root can connect to.
@@ -505,14 +617,26 @@ impl Monitor {
             let polled: Vec<usize> = (0..self.outputs.len())
                 .filter(|&i| self.outputs[i].open)
                 .collect();
-            let ready: Vec<bool> = {
-                let mut fds = Vec::with_capacity(polled.len() + 2);
+            let take_input = self.stdin_pending.is_empty();
+            let write_stdin = !take_input && self.stdin.is_some();
+            // Order: control, attach, outputs, clients, [stdin], [signals].
+            let ready: Vec<PollFlags> = {
+                let mut fds = Vec::with_capacity(polled.len() + self.clients.len() + 4);
                 fds.push(PollFd::new(self.control.as_fd(), PollFlags::POLLIN));
+                fds.push(PollFd::new(self.attach.as_fd(), PollFlags::POLLIN));
                 fds.extend(
                     polled
                         .iter()
                         .map(|&i| PollFd::new(self.outputs[i].file.as_fd(), PollFlags::POLLIN)),
                 );
+                fds.extend(
+                    self.clients
+                        .iter()
+                        .map(|c| PollFd::new(c.stream.as_fd(), c.interest(take_input))),
+                );
+                if let (true, Some(stdin)) = (write_stdin, &self.stdin) {
+                    fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLOUT));
+                }
                 if let Some(signals) = &signals {
                     fds.push(PollFd::new(signals.as_fd(), PollFlags::POLLIN));
                 }
@@ -520,7 +644,7 @@ impl Monitor {
                     continue;
                 }
                 fds.iter()
-                    .map(|fd| fd.revents().is_some_and(|r| !r.is_empty()))
+                    .map(|fd| fd.revents().unwrap_or(PollFlags::empty()))
                     .collect()
             };
             if let Some(signals) = &signals {
@@ -529,13 +653,126 @@ impl Monitor {
             // Output first: a reopen-log request then finds everything the
             // container wrote before it in the old file.
             for (k, &i) in polled.iter().enumerate() {
-                if ready[k + 1] {
+                if !ready[k + 2].is_empty() {
                     self.read_once(i);
                 }
             }
-            if ready[0] {
+            let first_client = 2 + polled.len();
+            for k in 0..self.clients.len() {
+                let flags = ready[first_client + k];
+                if flags.intersects(PollFlags::POLLERR | PollFlags::POLLNVAL) {
+                    self.clients[k].dead = true;
+                }
+                if flags.intersects(PollFlags::POLLIN | PollFlags::POLLHUP) {
+                    self.read_client(k);
+                }
+                if flags.contains(PollFlags::POLLOUT) {
+                    self.clients[k].flush();
+                }
+            }
+            self.clients.retain(|c| !c.dead);
+            if write_stdin {
+                self.flush_stdin();
+            }
+            if !ready[0].is_empty() {
                 self.serve_control();
             }
+            if !ready[1].is_empty() {
+                self.accept_client();
+            }
+        }
+    }
+
+    fn accept_client(&mut self) {
+        let Ok((stream, _)) = self.attach.accept() else {
+            return;
+        };
+        if stream.set_nonblocking(true).is_ok() {
+            self.clients.push(Attached {
+                stream,
+                sends_stdin: None,
+                pending: Vec::new(),
+                read_done: false,
+                dead: false,
+            });
+        }
+    }
+
+    /// Takes input from client `k`: its first byte says whether it sends
+    /// stdin, the rest goes to the container.
+    fn read_client(&mut self, k: usize) {
+        let client = &mut self.clients[k];
+        let input = match (&client.stream).read(&mut self.buf) {
+            Ok(0) => {
+                client.read_done = true;
+                if client.sends_stdin == Some(true) && self.stdin_once {
+                    self.close_stdin();
+                }
+                return;
+            }
+            Ok(n) => {
+                let start = match client.sends_stdin {
+                    Some(_) => 0,
+                    None => {
+                        client.sends_stdin = Some(self.buf[0] == b'1');
+                        1
+                    }
+                };
+                (client.sends_stdin == Some(true)).then_some(start..n)
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                None
+            }
+            Err(_) => {
+                client.dead = true;
+                None
+            }
+        };
+        if let (Some(range), Some(_), false) = (input, &self.stdin, self.stdin_closing) {
+            self.stdin_pending.extend_from_slice(&self.buf[range]);
+            self.flush_stdin();
+        }
+    }
+
+    /// The attached client is done with stdin and the container asked for
+    /// one attach only: a pipe gets EOF; a terminal gets ^D, its EOF key,
+    /// since closing one of the master's fds would not end its input.
+    fn close_stdin(&mut self) {
+        if self.tty {
+            self.stdin_pending.push(0x04);
+        } else {
+            self.stdin_closing = true;
+        }
+        self.flush_stdin();
+    }
+
+    fn flush_stdin(&mut self) {
+        let Some(stdin) = &self.stdin else {
+            self.stdin_pending.clear();
+            return;
+        };
+        while !self.stdin_pending.is_empty() {
+            match (&*stdin).write(&self.stdin_pending) {
+                Ok(n) => {
+                    self.stdin_pending.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                // The container closed its stdin.
+                Err(_) => {
+                    self.stdin = None;
+                    self.stdin_pending.clear();
+                    return;
+                }
+            }
+        }
+        if self.stdin_closing {
+            self.stdin = None;
         }
     }
 
@@ -571,6 +808,7 @@ impl Monitor {
                 output
                     .splitter
                     .push(&self.buf[..n], &timestamp, &mut self.records);
+                broadcast(&mut self.clients, output.channel, &self.buf[..n]);
                 true
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
@@ -652,6 +890,20 @@ impl Monitor {
                 self.log.write(&self.records);
             }
         }
+        // The last output to attached clients; then they see EOF.
+        let deadline = std::time::Instant::now() + ATTACH_DRAIN;
+        for client in self.clients.iter_mut().filter(|c| !c.dead) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let blocking = client.stream.set_nonblocking(false).is_ok()
+                && client
+                    .stream
+                    .set_write_timeout(Some(left.max(Duration::from_millis(1))))
+                    .is_ok();
+            if blocking {
+                let _ = (&client.stream).write_all(&client.pending);
+            }
+        }
+        self.clients.clear();
         let (exit_code, signal) = match status {
             WaitStatus::Signaled(_, signal, _) => (128 + signal as i32, Some(signal as i32)),
             WaitStatus::Exited(_, code) => (code, None),

@@ -22,7 +22,7 @@ use super::records::Records;
 use super::rootfs;
 use super::state::{container_name, matches_labels, ContainerRecord, Phase, SandboxRecord};
 use super::stats;
-use super::streaming::{ExecSpec, Streaming};
+use super::streaming::{AttachSpec, ExecSpec, Pending, PortForwardSpec, Streaming};
 use crate::image::reference::Digest;
 use crate::image::service::ImageService;
 use crate::image::unpack::snapshot_path;
@@ -767,6 +767,7 @@ impl RuntimeService for Runtime {
                     state_dir: cmonitor.clone(),
                     tty: cconfig.tty,
                     stdin: cconfig.stdin,
+                    stdin_once: cconfig.stdin_once,
                     systemd_cgroup: host.systemd_cgroup,
                     timeout: Duration::from_secs(60),
                 })
@@ -1039,7 +1040,7 @@ impl RuntimeService for Runtime {
         }
         let url = self
             .streaming
-            .exec_url(ExecSpec {
+            .url(Pending::Exec(ExecSpec {
                 runtime: record.runtime,
                 root: record.runtime_root,
                 id: record.id,
@@ -1048,30 +1049,69 @@ impl RuntimeService for Runtime {
                 stdin: request.stdin,
                 stdout: request.stdout,
                 stderr: request.stderr,
-            })
+            }))
             .map_err(internal)?;
         Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
-        _request: Request<cri::AttachRequest>,
+        request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        // The monitor owns the container's stdio and has no attach socket yet.
-        Err(Status::unimplemented(
-            "streaming attach is not served yet by bosun-cri",
-        ))
+        let request = request.into_inner();
+        let record = self.running_container(&request.container_id)?;
+        if !(request.stdin || request.stdout || request.stderr) {
+            return Err(Status::invalid_argument(
+                "one of stdin, stdout and stderr must be set",
+            ));
+        }
+        if request.tty && request.stderr {
+            return Err(Status::invalid_argument(
+                "tty and stderr cannot both be set (a tty merges them)",
+            ));
+        }
+        if request.stdin && !record.config.stdin {
+            return Err(Status::invalid_argument(format!(
+                "container {} was not created with stdin open; attach without stdin",
+                record.id
+            )));
+        }
+        let url = self
+            .streaming
+            .url(Pending::Attach(AttachSpec {
+                id: record.id,
+                monitor_dir: record.monitor_dir,
+                tty: request.tty,
+                stdin: request.stdin,
+                stdout: request.stdout,
+                stderr: request.stderr,
+            }))
+            .map_err(internal)?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
-        _request: Request<cri::PortForwardRequest>,
+        request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        // crictl and kubectl speak SPDY for it, over WebSocket tunnelling
-        // at best; the streaming server serves WebSocket channels only.
-        Err(Status::unimplemented(
-            "port forwarding is not served yet by bosun-cri",
-        ))
+        let request = request.into_inner();
+        let sandbox = self.known_sandbox(&request.pod_sandbox_id)?;
+        if !sandbox.ready {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                sandbox.id
+            )));
+        }
+        // Ports come with each forwarded connection; the request's list is
+        // advisory (the kubelet leaves it empty).
+        let url = self
+            .streaming
+            .url(Pending::PortForward(PortForwardSpec {
+                netns: sandbox.state.ns_path(sandbox::namespaces::NsKind::Net),
+                sandbox_id: sandbox.id,
+            }))
+            .map_err(internal)?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(
