@@ -18,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use bosun_cri::server::streaming::spdy;
 use bosun_testsupport::host;
 use bosun_testsupport::privileged::require_root;
 use hyper_util::rt::TokioIo;
@@ -675,16 +676,7 @@ async fn ws_connect(
         .and_then(|rest| rest.split('/').next())
         .context("URL without host")?
         .to_owned();
-    let netns = fs::File::open(Path::new("/run/netns").join(&node.0))?;
-    // setns affects only this thread; the socket stays in the node netns.
-    let stream = std::thread::spawn(move || -> Result<std::net::TcpStream> {
-        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
-        Ok(std::net::TcpStream::connect(addr)?)
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("connect thread panicked"))??;
-    stream.set_nonblocking(true)?;
-    let stream = tokio::net::TcpStream::from_std(stream)?;
+    let stream = node_connect(node, addr)?;
     let mut request = url.replacen("http://", "ws://", 1).into_client_request()?;
     request
         .headers_mut()
@@ -818,6 +810,322 @@ async fn exec_streams_over_websocket() -> Result<()> {
     })
     .await?;
     let refused = rt.exec(exec(&["true"], false)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
+        pod_sandbox_id: pod,
+    })
+    .await?;
+    Ok(())
+}
+
+/// A TCP connection to `addr` from inside the node netns, where the
+/// daemon's loopback streaming address lives.
+fn node_connect(node: &NodeNs, addr: String) -> Result<tokio::net::TcpStream> {
+    let netns = fs::File::open(Path::new("/run/netns").join(&node.0))?;
+    // setns affects only this thread; the socket stays in the node netns.
+    let stream = std::thread::spawn(move || -> Result<std::net::TcpStream> {
+        nix::sched::setns(netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)?;
+        Ok(std::net::TcpStream::connect(addr)?)
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("connect thread panicked"))??;
+    stream.set_nonblocking(true)?;
+    Ok(tokio::net::TcpStream::from_std(stream)?)
+}
+
+/// The client side of SPDY/3.1 as client-go speaks it, on our own codec.
+struct SpdyClient {
+    stream: tokio::net::TcpStream,
+    encoder: spdy::HeaderEncoder,
+    decoder: spdy::HeaderDecoder,
+    next_id: u32,
+}
+
+/// What arrived on each stream, and whether it was closed.
+#[derive(Debug, Default)]
+struct Received {
+    data: Vec<u8>,
+    fin: bool,
+}
+
+impl SpdyClient {
+    /// POSTs the upgrade to `url` offering `protocol`; fails unless the
+    /// server switches to SPDY with it.
+    async fn connect(node: &NodeNs, url: &str, protocol: &str) -> Result<Self> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let rest = url.strip_prefix("http://").context("not http")?;
+        let (addr, path) = rest.split_once('/').context("URL without path")?;
+        let mut stream = node_connect(node, addr.to_owned())?;
+        let request = format!(
+            "POST /{path} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n\
+             X-Stream-Protocol-Version: {protocol}\r\nContent-Length: 0\r\n\r\n"
+        );
+        stream.write_all(request.as_bytes()).await?;
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            ensure!(stream.read(&mut byte).await? == 1, "EOF in response head");
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).to_lowercase();
+        ensure!(head.starts_with("http/1.1 101"), "{head}");
+        ensure!(
+            head.contains(&format!("x-stream-protocol-version: {protocol}")),
+            "{head}"
+        );
+        Ok(Self {
+            stream,
+            encoder: spdy::HeaderEncoder::new(),
+            decoder: spdy::HeaderDecoder::new(),
+            next_id: 1,
+        })
+    }
+
+    /// Opens a stream (client IDs are odd).
+    async fn open(&mut self, headers: &[(&str, &str)]) -> Result<u32> {
+        use tokio::io::AsyncWriteExt;
+        let id = self.next_id;
+        self.next_id += 2;
+        let frame = spdy::syn_stream(id, headers, &mut self.encoder);
+        self.stream.write_all(&frame).await?;
+        Ok(id)
+    }
+
+    async fn send(&mut self, id: u32, data: &[u8], fin: bool) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream
+            .write_all(&spdy::data_frame(id, fin, data))
+            .await?;
+        Ok(())
+    }
+
+    /// Reads until every stream in `ids` is closed by the server, or the
+    /// connection ends (`ids` empty: until then).
+    async fn collect(&mut self, ids: &[u32]) -> Result<HashMap<u32, Received>> {
+        let mut got: HashMap<u32, Received> = HashMap::new();
+        let done = |got: &HashMap<u32, Received>| {
+            !ids.is_empty() && ids.iter().all(|id| got.get(id).is_some_and(|r| r.fin))
+        };
+        while !done(&got) {
+            let frame = tokio::time::timeout(
+                Duration::from_secs(20),
+                spdy::read_frame(&mut self.stream, &mut self.decoder),
+            )
+            .await
+            .context("SPDY read timed out")??;
+            match frame {
+                None | Some(spdy::Frame::GoAway) => break,
+                Some(spdy::Frame::Data { id, fin, data }) => {
+                    let entry = got.entry(id).or_default();
+                    entry.data.extend_from_slice(&data);
+                    entry.fin |= fin;
+                }
+                Some(spdy::Frame::RstStream { id, status }) => bail!("stream {id} reset: {status}"),
+                Some(_) => {}
+            }
+        }
+        Ok(got)
+    }
+}
+
+fn text(got: &HashMap<u32, Received>, id: u32) -> String {
+    got.get(&id)
+        .map(|r| String::from_utf8_lossy(&r.data).into_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_attach_and_port_forward_over_spdy() -> Result<()> {
+    if !require_root("bosun-cri end to end") {
+        return Ok(());
+    }
+    let daemon = Daemon::new("10.234.0.0/24").await?;
+    let mut rt = RuntimeServiceClient::new(daemon.channel().await?);
+    let logs = daemon.dir.path().join("pod-logs");
+    let sandbox_config = pod_config("spdy", &logs);
+    let pod = rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(sandbox_config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    let mut shell = container_config("shell", "");
+    shell.command = vec!["sh".into()];
+    shell.stdin = true;
+    shell.stdin_once = true;
+    let web = container_config(
+        "web",
+        "mkdir -p /www && echo hello-from-pod > /www/index.html && exec httpd -f -p 8080 -h /www",
+    );
+    let mut ids = Vec::new();
+    for config in [shell, web] {
+        let id = rt
+            .create_container(cri::CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(config),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}: {}", daemon.log()))?
+            .into_inner()
+            .container_id;
+        rt.start_container(cri::StartContainerRequest {
+            container_id: id.clone(),
+        })
+        .await?;
+        ids.push(id);
+    }
+    let (shell, web) = (ids[0].clone(), ids[1].clone());
+
+    // Exec, v4: stdin with its FIN, both outputs, the status on the error
+    // stream.
+    let url = rt
+        .exec(cri::ExecRequest {
+            container_id: web.clone(),
+            cmd: ["sh", "-c", "read x; echo got $x; echo err >&2; exit 3"]
+                .map(String::from)
+                .to_vec(),
+            tty: false,
+            stdin: true,
+            stdout: true,
+            stderr: true,
+        })
+        .await?
+        .into_inner()
+        .url;
+    let mut client = SpdyClient::connect(&daemon.node, &url, "v4.channel.k8s.io").await?;
+    let error = client.open(&[("streamType", "error")]).await?;
+    let stdin = client.open(&[("streamType", "stdin")]).await?;
+    let stdout = client.open(&[("streamType", "stdout")]).await?;
+    let stderr = client.open(&[("streamType", "stderr")]).await?;
+    client.send(stdin, b"hello\n", true).await?;
+    let got = client.collect(&[]).await?;
+    assert_eq!(text(&got, stdout), "got hello\n", "{got:?}");
+    assert_eq!(text(&got, stderr), "err\n", "{got:?}");
+    let status: serde_json::Value = serde_json::from_str(&text(&got, error))?;
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "3", "{status}");
+    assert!(got.values().all(|r| r.fin), "every stream ends: {got:?}");
+
+    // Attach: input reaches the shell; closing stdin ends a stdin_once
+    // container, and with it the session.
+    let url = rt
+        .attach(cri::AttachRequest {
+            container_id: shell.clone(),
+            stdin: true,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await?
+        .into_inner()
+        .url;
+    let mut client = SpdyClient::connect(&daemon.node, &url, "v4.channel.k8s.io").await?;
+    let error = client.open(&[("streamType", "error")]).await?;
+    let stdin = client.open(&[("streamType", "stdin")]).await?;
+    let stdout = client.open(&[("streamType", "stdout")]).await?;
+    let stderr = client.open(&[("streamType", "stderr")]).await?;
+    client
+        .send(stdin, b"echo attached; echo oops >&2\n", true)
+        .await?;
+    let got = client.collect(&[]).await?;
+    assert_eq!(text(&got, stdout), "attached\n", "{got:?}");
+    assert_eq!(text(&got, stderr), "oops\n", "{got:?}");
+    let status: serde_json::Value = serde_json::from_str(&text(&got, error))?;
+    assert_eq!(status["status"], "Success", "{status}");
+    let exited = wait_state(&mut rt, &shell, cri::ContainerState::ContainerExited).await?;
+    assert_eq!(exited.exit_code, 0);
+    // Attaching needs a running container, and stdin one created with it.
+    let refused = rt
+        .attach(cri::AttachRequest {
+            container_id: shell.clone(),
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    let refused = rt
+        .attach(cri::AttachRequest {
+            container_id: web.clone(),
+            stdin: true,
+            stdout: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+
+    // Port forward: two connections on one SPDY session, to the web
+    // server in the pod's netns and to a port nobody listens on.
+    let url = rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![8080],
+        })
+        .await?
+        .into_inner()
+        .url;
+    let mut client = SpdyClient::connect(&daemon.node, &url, "portforward.k8s.io").await?;
+    let mut served = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for attempt in 0.. {
+        // httpd may not listen yet.
+        let request = attempt.to_string();
+        let error = client
+            .open(&[
+                ("streamType", "error"),
+                ("port", "8080"),
+                ("requestID", &request),
+            ])
+            .await?;
+        let data = client
+            .open(&[
+                ("streamType", "data"),
+                ("port", "8080"),
+                ("requestID", &request),
+            ])
+            .await?;
+        client
+            .send(data, b"GET /index.html HTTP/1.0\r\n\r\n", true)
+            .await?;
+        let got = client.collect(&[error, data]).await?;
+        if text(&got, error).is_empty() {
+            served = Some(text(&got, data));
+            break;
+        }
+        ensure!(Instant::now() < deadline, "{}", text(&got, error));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let served = served.context("no response")?;
+    assert!(served.starts_with("HTTP/1.1 200 OK"), "{served}");
+    assert!(served.contains("hello-from-pod"), "{served}");
+    let error = client
+        .open(&[("streamType", "error"), ("port", "9"), ("requestID", "x")])
+        .await?;
+    let data = client
+        .open(&[("streamType", "data"), ("port", "9"), ("requestID", "x")])
+        .await?;
+    let got = client.collect(&[error, data]).await?;
+    let message = text(&got, error);
+    assert!(
+        message.contains("error forwarding port 9") && message.contains("refused"),
+        "{message}"
+    );
+
+    rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+        pod_sandbox_id: pod.clone(),
+    })
+    .await?;
+    let refused = rt
+        .port_forward(cri::PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![],
+        })
+        .await
+        .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
     rt.remove_pod_sandbox(cri::RemovePodSandboxRequest {
         pod_sandbox_id: pod,
