@@ -789,3 +789,168 @@ async fn exec_attach_and_port_forward_over_spdy() -> Result<()> {
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_create_undoes_it_at_start() -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if !require_root("bosun-cri end to end") {
+        return Ok(());
+    }
+    let mut daemon = Daemon::new("10.235.0.0/24").await?;
+    let root = daemon.dir.path().to_owned();
+    let bins = daemon.bins.clone();
+    // Wrappers that do the real work, then linger: the daemon gets killed
+    // while it waits for them.
+    let slow = root.join("slow");
+    fs::create_dir_all(&slow)?;
+    let scripts = [
+        (
+            "slow-cni",
+            format!(
+                "#!/bin/sh\n{}/bosun-cni; rc=$?\n[ \"$CNI_COMMAND\" = ADD ] && sleep 3\nexit $rc\n",
+                bins.display()
+            ),
+        ),
+        (
+            "slow-runc",
+            format!(
+                "#!/bin/sh\n{}/bosun-runc \"$@\"; rc=$?\ncase \" $* \" in *\" create \"*) sleep 3;; esac\nexit $rc\n",
+                bins.display()
+            ),
+        ),
+    ];
+    for (name, script) in scripts {
+        fs::write(slow.join(name), script)?;
+        fs::set_permissions(slow.join(name), fs::Permissions::from_mode(0o755))?;
+    }
+    let conflist = root.join("net.d/10-bosun.conflist");
+    fs::write(
+        &conflist,
+        fs::read_to_string(&conflist)?.replace("\"bosun-cni\"", "\"slow-cni\""),
+    )?;
+    let config = fs::read_to_string(daemon.config_path())?.replace(
+        "cni_bin_dirs = [",
+        &format!("cni_bin_dirs = [\"{}\", ", slow.display()),
+    );
+    fs::write(
+        daemon.config_path(),
+        format!(
+            "{config}[runtimes.slow]\npath = \"{}/slow-runc\"\nroot = \"{}/state/runtime/slow\"\n",
+            slow.display(),
+            root.display()
+        ),
+    )?;
+    daemon.kill9();
+    daemon.start()?;
+    let logs = root.join("pod-logs");
+    let run = |name: &str| cri::RunPodSandboxRequest {
+        config: Some(pod_config(name, &logs)),
+        runtime_handler: "slow".into(),
+    };
+    let mut rt = RuntimeServiceClient::new(daemon.channel().await?);
+    let pod = rt
+        .run_pod_sandbox(run("kept"))
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+    let ipam = root.join("ipam/e2e");
+    let ips = || -> Result<usize> {
+        Ok(fs::read_dir(&ipam)?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().starts_with("10."))
+            .count())
+    };
+    let pins = || -> Result<usize> { Ok(fs::read_dir(root.join("state/ns"))?.count()) };
+    assert_eq!((ips()?, pins()?), (1, 1));
+
+    // Killed while CNI ADD lingers: the address and the pinned namespaces
+    // of the half-made sandbox exist.
+    let mut in_flight = RuntimeServiceClient::new(daemon.channel().await?);
+    let request = run("killed");
+    let call = tokio::spawn(async move { in_flight.run_pod_sandbox(request).await });
+    host::poll(Duration::from_secs(10), || (ips().ok()? == 2).then_some(()))
+        .context("second pod never got an address")?;
+    daemon.kill9();
+    let _ = call.await;
+    daemon.start()?;
+    let mut rt = RuntimeServiceClient::new(daemon.channel().await?);
+    let listed = rt
+        .list_pod_sandbox(cri::ListPodSandboxRequest::default())
+        .await?
+        .into_inner()
+        .items;
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!((ips()?, pins()?), (1, 1), "{}", daemon.log());
+    let veths = daemon
+        .node
+        .exec(&["ip", "-o", "link", "show", "type", "veth"])?;
+    assert_eq!(veths.lines().count(), 1, "{veths}");
+    // The name is free again.
+    let again = rt
+        .run_pod_sandbox(run("killed"))
+        .await?
+        .into_inner()
+        .pod_sandbox_id;
+
+    // Killed while the runtime's create lingers: the container exists in
+    // the runtime and a monitor waits for it.
+    let sandbox_config = pod_config("kept", &logs);
+    let create = cri::CreateContainerRequest {
+        pod_sandbox_id: pod.clone(),
+        config: Some(container_config("sleeper", "exec sleep 1000")),
+        sandbox_config: Some(sandbox_config.clone()),
+    };
+    let mut in_flight = RuntimeServiceClient::new(daemon.channel().await?);
+    let request = create.clone();
+    let call = tokio::spawn(async move { in_flight.create_container(request).await });
+    let runtime_root = root.join("state/runtime/slow");
+    let listed_by_runtime = || -> Result<String> {
+        let out = Command::new(bins.join("bosun-runc"))
+            .arg("--root")
+            .arg(&runtime_root)
+            .args(["list", "-q"])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    };
+    host::poll(Duration::from_secs(10), || {
+        (!listed_by_runtime().ok()?.is_empty()).then_some(())
+    })
+    .context("the runtime never created the container")?;
+    daemon.kill9();
+    let _ = call.await;
+    daemon.start()?;
+    let mut rt = RuntimeServiceClient::new(daemon.channel().await?);
+    let containers = rt
+        .list_containers(cri::ListContainersRequest::default())
+        .await?
+        .into_inner()
+        .containers;
+    assert!(containers.is_empty(), "{containers:?}");
+    assert_eq!(listed_by_runtime()?, "", "{}", daemon.log());
+    let left: Vec<_> = fs::read_dir(root.join("state/c"))?.collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The lingering wrapper, and the monitor waiting for it, end soon after.
+    let marker = root.join("state/c").display().to_string();
+    let lingering = host::poll(Duration::from_secs(10), || {
+        host::processes_with(&marker).ok()?.is_empty().then_some(())
+    });
+    assert!(lingering.is_some(), "{:?}", host::processes_with(&marker));
+    // The name is free again and the container runs.
+    let id = rt.create_container(create).await?.into_inner().container_id;
+    rt.start_container(cri::StartContainerRequest {
+        container_id: id.clone(),
+    })
+    .await?;
+    wait_state(&mut rt, &id, cri::ContainerState::ContainerRunning).await?;
+
+    for pod_sandbox_id in [pod, again] {
+        rt.stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod_sandbox_id.clone(),
+        })
+        .await?;
+        rt.remove_pod_sandbox(cri::RemovePodSandboxRequest { pod_sandbox_id })
+            .await?;
+    }
+    assert_eq!((ips()?, pins()?), (0, 0));
+    Ok(())
+}

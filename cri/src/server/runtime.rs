@@ -4,7 +4,7 @@
 //! updates; the slow parts (CNI, mounting, the runtime binary, waiting for
 //! an exit) run without it, on blocking threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -20,7 +20,9 @@ use super::config::{CgroupDriver, Config};
 use super::images::{status_of, ImageUsers};
 use super::records::Records;
 use super::rootfs;
-use super::state::{container_name, matches_labels, ContainerRecord, Phase, SandboxRecord};
+use super::state::{
+    container_name, matches_labels, sandbox_name, ContainerRecord, Intent, Phase, SandboxRecord,
+};
 use super::stats;
 use super::streaming::{AttachSpec, ExecSpec, Pending, PortForwardSpec, Streaming};
 use crate::image::reference::Digest;
@@ -32,12 +34,55 @@ use crate::spec::{self, Host, ImageContext, SandboxContext};
 
 /// The runtime's name in Version.
 pub const RUNTIME_NAME: &str = "bosun";
+/// How long `runtime create` may take.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long StopContainer waits for SIGKILL to take effect.
 const KILL_GRACE: Duration = Duration::from_secs(10);
 
 struct Tables {
     sandboxes: Records<SandboxRecord>,
     containers: Records<ContainerRecord>,
+    /// Creates under way (see [`Intent`]).
+    intents: Records<Intent>,
+    /// Names of sandboxes and containers being created.
+    reserved: HashSet<String>,
+}
+
+impl Tables {
+    /// Claims `name` for a create under way, recording `intent` first;
+    /// AlreadyExists when a sandbox or container has it.
+    fn reserve(&mut self, name: &str, intent: Intent) -> Result<(), Status> {
+        let holder = self
+            .sandboxes
+            .all()
+            .find(|s| sandbox_name(&s.config) == name)
+            .map(|s| s.id.clone())
+            .or_else(|| {
+                let container = self.containers.all().find(|c| c.name == name);
+                container.map(|c| c.id.clone())
+            });
+        if let Some(holder) = holder {
+            return Err(Status::already_exists(format!(
+                "name {name} is reserved for {holder}"
+            )));
+        }
+        if self.reserved.contains(name) {
+            return Err(Status::already_exists(format!(
+                "name {name} is being used by a create under way"
+            )));
+        }
+        self.intents.put(intent).map_err(internal)?;
+        self.reserved.insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Ends a create: the name is the record's now, or free again.
+    fn release(&mut self, name: &str, id: &str) {
+        self.reserved.remove(name);
+        if let Err(e) = self.intents.remove(id) {
+            tracing::warn!("{e}");
+        }
+    }
 }
 
 /// The RuntimeService and the state behind it.
@@ -127,6 +172,8 @@ impl Runtime {
             sandboxes: Records::load(&config.root.join("sandboxes")).map_err(|e| e.to_string())?,
             containers: Records::load(&config.root.join("containers"))
                 .map_err(|e| e.to_string())?,
+            intents: Records::load(&config.root.join("intents")).map_err(|e| e.to_string())?,
+            reserved: HashSet::new(),
         };
         let (events, _) = broadcast::channel(256);
         let runtime = Arc::new(Self {
@@ -140,8 +187,44 @@ impl Runtime {
             events,
             streaming,
         });
+        runtime.undo_intents();
         runtime.reconcile();
         Ok(runtime)
+    }
+
+    /// Undoes the creates a killed daemon left half done.
+    fn undo_intents(&self) {
+        let mut tables = self.tables();
+        let intents: Vec<Intent> = tables.intents.all().cloned().collect();
+        for intent in intents {
+            let undone = match &intent {
+                Intent::Sandbox(state) if tables.sandboxes.get(&state.id).is_none() => {
+                    sandbox::teardown(state, &self.settings).map_err(|e| e.to_string())
+                }
+                Intent::Container(record) if tables.containers.get(&record.id).is_none() => {
+                    // A create still running under the monitor would bring
+                    // back what is removed now: let it finish first.
+                    let deadline = Instant::now() + CREATE_TIMEOUT;
+                    let pid_file = record.monitor_dir.join(monitor::CONTAINER_PID_FILE);
+                    while monitor::is_alive(&record.monitor_dir)
+                        && !pid_file.exists()
+                        && Instant::now() < deadline
+                    {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    Self::remove_blocking(record).map_err(|e| e.message().to_owned())
+                }
+                // The record made it: the create finished.
+                _ => Ok(()),
+            };
+            let id = super::records::Keyed::id(&intent).to_owned();
+            match undone.and_then(|()| tables.intents.remove(&id).map_err(|e| e.to_string())) {
+                Ok(()) => {
+                    tracing::info!(id = %id, "undid a create the previous daemon left half done")
+                }
+                Err(e) => tracing::warn!(id = %id, "undo a half-done create: {e}"),
+            }
+        }
     }
 
     fn tables(&self) -> MutexGuard<'_, Tables> {
@@ -475,9 +558,14 @@ impl RuntimeService for Runtime {
         }
         let (handler, _, _) = self.handler(&request.runtime_handler)?;
         let id = random_id()?;
+        let planned = sandbox::SandboxState::plan(&id, &config, &self.settings)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let name = sandbox_name(&config);
+        self.tables()
+            .reserve(&name, Intent::Sandbox(Box::new(planned.clone())))?;
         let settings = self.settings.clone();
         let (sid, sconfig) = (id.clone(), config.clone());
-        let state = blocking(move || {
+        let set_up = blocking(move || {
             sandbox::setup(&SandboxRequest {
                 id: &sid,
                 config: &sconfig,
@@ -485,7 +573,23 @@ impl RuntimeService for Runtime {
             })
             .map_err(|e| Status::unknown(format!("set up pod sandbox {}: {e}", metadata.name)))
         })
-        .await?;
+        .await;
+        let state = match set_up {
+            Ok(state) => state,
+            Err(e) => {
+                // setup undid itself as far as it could; what is still
+                // left stays in the intent for the next start.
+                let settings = self.settings.clone();
+                let undone = blocking(move || {
+                    sandbox::teardown(&planned, &settings).map_err(|e| internal(e.to_string()))
+                })
+                .await;
+                if undone.is_ok() {
+                    self.tables().release(&name, &id);
+                }
+                return Err(e);
+            }
+        };
         let record = SandboxRecord {
             id: id.clone(),
             config,
@@ -494,7 +598,13 @@ impl RuntimeService for Runtime {
             ready: true,
             state,
         };
-        if let Err(e) = self.tables().sandboxes.put(record.clone()) {
+        let stored = {
+            let mut tables = self.tables();
+            let stored = tables.sandboxes.put(record.clone());
+            tables.release(&name, &id);
+            stored
+        };
+        if let Err(e) = stored {
             let _ = sandbox::teardown(&record.state, &self.settings);
             return Err(internal(e));
         }
@@ -665,12 +775,6 @@ impl RuntimeService for Runtime {
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("image {} vanished", image.id)))?;
         let name = container_name(&config, &sandbox.config);
-        if let Some(existing) = self.tables().containers.all().find(|c| c.name == name) {
-            return Err(Status::already_exists(format!(
-                "container name {name} is reserved for {}",
-                existing.id
-            )));
-        }
         let (handler, runtime_path, runtime_root) = self.handler(&sandbox.runtime_handler)?;
         let id = random_id()?;
         // Kept short: the monitor's control socket lives in `monitor_dir`
@@ -700,6 +804,33 @@ impl RuntimeService for Runtime {
             .first()
             .cloned()
             .unwrap_or_else(|| image.id.clone());
+        let mut record = ContainerRecord {
+            id: id.clone(),
+            sandbox_id: sandbox.id.clone(),
+            config: config.clone(),
+            image: image_name,
+            image_id: image.id.clone(),
+            image_ref,
+            name: name.clone(),
+            runtime_handler: handler,
+            runtime: runtime_path.clone(),
+            runtime_root: runtime_root.clone(),
+            bundle: bundle.clone(),
+            layer_dir: layer_dir.clone(),
+            monitor_dir: monitor_dir.clone(),
+            log_path: log_path.clone(),
+            stop_signal,
+            created_at: now_ns(),
+            started_at: 0,
+            finished_at: 0,
+            exit_code: 0,
+            reason: String::new(),
+            message: String::new(),
+            phase: Phase::Created,
+            pid: 0,
+        };
+        self.tables()
+            .reserve(&name, Intent::Container(Box::new(record.clone())))?;
 
         let (host, monitor_bin) = (self.host.clone(), self.monitor.clone());
         let (cid, cconfig, sb) = (id.clone(), config.clone(), sandbox.clone());
@@ -769,39 +900,33 @@ impl RuntimeService for Runtime {
                     stdin: cconfig.stdin,
                     stdin_once: cconfig.stdin_once,
                     systemd_cgroup: host.systemd_cgroup,
-                    timeout: Duration::from_secs(60),
+                    timeout: CREATE_TIMEOUT,
                 })
                 .map_err(|e| Status::unknown(format!("create container: {e}")))
             };
             build().inspect_err(|_| cleanup())
         })
-        .await?;
-        let record = ContainerRecord {
-            id: id.clone(),
-            sandbox_id: sandbox.id.clone(),
-            config,
-            image: image_name,
-            image_id: image.id.clone(),
-            image_ref,
-            name,
-            runtime_handler: handler,
-            runtime: runtime_path,
-            runtime_root,
-            bundle,
-            layer_dir,
-            monitor_dir,
-            log_path,
-            stop_signal,
-            created_at: now_ns(),
-            started_at: 0,
-            finished_at: 0,
-            exit_code: 0,
-            reason: String::new(),
-            message: String::new(),
-            phase: Phase::Created,
-            pid: created.container_pid,
+        .await;
+        let created = match created {
+            Ok(created) => created,
+            Err(e) => {
+                self.tables().release(&name, &id);
+                return Err(e);
+            }
         };
-        self.put_container(record.clone())?;
+        record.pid = created.container_pid;
+        if let Err(e) = self.put_container(record.clone()) {
+            // The intent stays if even this fails: the next start retries.
+            let leftover = record.clone();
+            if blocking(move || Self::remove_blocking(&leftover))
+                .await
+                .is_ok()
+            {
+                self.tables().release(&name, &id);
+            }
+            return Err(e);
+        }
+        self.tables().release(&name, &id);
         self.emit(
             &id,
             cri::ContainerEventType::ContainerCreatedEvent,

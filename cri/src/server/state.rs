@@ -257,6 +257,33 @@ pub fn container_name(config: &cri::ContainerConfig, sandbox: &cri::PodSandboxCo
     )
 }
 
+/// The name a sandbox reserves until it is removed (containerd's form).
+pub fn sandbox_name(config: &cri::PodSandboxConfig) -> String {
+    let s = config.metadata.clone().unwrap_or_default();
+    format!("{}_{}_{}_{}", s.name, s.namespace, s.uid, s.attempt)
+}
+
+/// A RunPodSandbox or CreateContainer under way, written before it touches
+/// the node: a daemon killed in the middle finds it at start and undoes
+/// what was done, unless the finished record made it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Intent {
+    /// The sandbox as planned (every path derives from its ID).
+    Sandbox(Box<SandboxState>),
+    /// The container record as it will be stored.
+    Container(Box<ContainerRecord>),
+}
+
+impl Keyed for Intent {
+    fn id(&self) -> &str {
+        match self {
+            Intent::Sandbox(state) => &state.id,
+            Intent::Container(record) => &record.id,
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
