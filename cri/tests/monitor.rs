@@ -231,6 +231,8 @@ both_runtimes!(
     records_oom_kill,
     reports_create_failure,
     captures_tty_output,
+    attach_relays_to_every_client,
+    attach_drops_a_client_that_falls_behind,
 );
 
 fn logs_streams_and_exit_code(runtime: &Path) -> Result<()> {
@@ -488,6 +490,117 @@ fn captures_tty_output(runtime: &Path) -> Result<()> {
         lines(&log, Stream::Stdout) == ["40 100", "tty-err"],
         "{}",
         String::from_utf8_lossy(&log)
+    );
+    Ok(())
+}
+
+/// Reads attach frames until the monitor closes: (stdout, stderr).
+fn read_attached(stream: &mut std::os::unix::net::UnixStream) -> Result<(String, String)> {
+    use std::io::Read;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all)?;
+    let (mut out, mut err) = (String::new(), String::new());
+    let mut rest = &all[..];
+    while !rest.is_empty() {
+        ensure!(rest.len() >= 5, "truncated frame header");
+        let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+        ensure!(rest.len() >= 5 + len, "truncated frame");
+        let text = String::from_utf8_lossy(&rest[5..5 + len]);
+        match rest[0] {
+            1 => out += &text,
+            2 => err += &text,
+            other => bail!("unknown stream {other}"),
+        }
+        rest = &rest[5 + len..];
+    }
+    Ok((out, err))
+}
+
+fn attach_relays_to_every_client(runtime: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let f = Fixture::new(
+        runtime,
+        &[
+            "sh",
+            "-c",
+            "read line; echo \"got $line\"; echo err >&2; cat; echo after-eof",
+        ],
+    )?;
+    f.bundle.write()?;
+    monitor::spawn(&SpawnOptions {
+        stdin: true,
+        stdin_once: true,
+        ..f.options()
+    })?;
+    f.start()?;
+    let socket = f.state_dir().join(monitor::ATTACH_SOCKET);
+    // One client only watches, one types, one never reads at all.
+    let mut watcher = UnixStream::connect(&socket)?;
+    watcher.write_all(b"0")?;
+    let idle = UnixStream::connect(&socket)?;
+    (&idle).write_all(b"0")?;
+    let mut typist = UnixStream::connect(&socket)?;
+    typist.write_all(b"1hello\n")?;
+    typist.write_all(b"more\n")?;
+    // stdin_once: the typist's EOF is the container's.
+    typist.shutdown(std::net::Shutdown::Write)?;
+    let expected = (
+        "got hello\nmore\nafter-eof\n".to_owned(),
+        "err\n".to_owned(),
+    );
+    ensure!(read_attached(&mut watcher)? == expected);
+    ensure!(read_attached(&mut typist)? == expected);
+    let exit = f.wait_exit()?;
+    ensure!(exit.reason == ExitReason::Completed, "{exit:?}");
+    let log = f.log()?;
+    ensure!(
+        lines(&log, Stream::Stdout) == ["got hello", "more", "after-eof"],
+        "{}",
+        String::from_utf8_lossy(&log)
+    );
+    f.wait_monitor_gone()?;
+    ensure!(!socket.exists(), "attach socket left behind");
+    drop(idle);
+    Ok(())
+}
+
+fn attach_drops_a_client_that_falls_behind(runtime: &Path) -> Result<()> {
+    use std::io::{Read, Write};
+    let f = Fixture::new(
+        runtime,
+        &[
+            "sh",
+            "-c",
+            "read go; head -c 12000000 /dev/zero | tr '\\0' a; echo",
+        ],
+    )?;
+    f.bundle.write()?;
+    monitor::spawn(&SpawnOptions {
+        stdin: true,
+        ..f.options()
+    })?;
+    f.start()?;
+    let socket = f.state_dir().join(monitor::ATTACH_SOCKET);
+    let mut idle = std::os::unix::net::UnixStream::connect(&socket)?;
+    idle.write_all(b"1go\n")?;
+    // It reads nothing while 12 MB go by: the container and its log must
+    // not wait for it.
+    let exit = f.wait_exit()?;
+    ensure!(exit.reason == ExitReason::Completed, "{exit:?}");
+    let logged: usize = lines(&f.log()?, Stream::Stdout)
+        .iter()
+        .map(String::len)
+        .sum();
+    ensure!(logged == 12_000_000, "logged {logged} bytes");
+    idle.set_read_timeout(Some(TIMEOUT))?;
+    let mut got = Vec::new();
+    idle.read_to_end(&mut got)?;
+    ensure!(
+        got.len() < 8 << 20,
+        "the slow client was sent {} bytes",
+        got.len()
     );
     Ok(())
 }
