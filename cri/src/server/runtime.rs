@@ -4,7 +4,7 @@
 //! updates; the slow parts (CNI, mounting, the runtime binary, waiting for
 //! an exit) run without it, on blocking threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,10 +34,15 @@ use crate::spec::{self, Host, ImageContext, SandboxContext};
 pub const RUNTIME_NAME: &str = "bosun";
 /// How long StopContainer waits for SIGKILL to take effect.
 const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How often exits recorded by monitors are looked for.
+const EXIT_POLL: Duration = Duration::from_millis(250);
 
 struct Tables {
     sandboxes: Records<SandboxRecord>,
     containers: Records<ContainerRecord>,
+    /// Containers inside StartContainer: exits are not folded in until
+    /// it marked them running, so a quick exit cannot be undone by it.
+    starting: HashSet<String>,
 }
 
 /// The RuntimeService and the state behind it.
@@ -127,6 +132,7 @@ impl Runtime {
             sandboxes: Records::load(&config.root.join("sandboxes")).map_err(|e| e.to_string())?,
             containers: Records::load(&config.root.join("containers"))
                 .map_err(|e| e.to_string())?,
+            starting: HashSet::new(),
         };
         let (events, _) = broadcast::channel(256);
         let runtime = Arc::new(Self {
@@ -150,24 +156,37 @@ impl Runtime {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Folds exits recorded by monitors into container records.
+    /// Folds exits recorded by monitors into container records; each exit
+    /// seen for the first time is reported as a stopped event.
     fn reconcile(&self) {
         let mut tables = self.tables();
+        let mut stopped = Vec::new();
         let ids: Vec<String> = tables
             .containers
             .all()
-            .filter(|c| c.phase != Phase::Exited)
+            .filter(|c| c.phase != Phase::Exited && !tables.starting.contains(&c.id))
             .map(|c| c.id.clone())
             .collect();
         for id in ids {
             let Some(mut record) = tables.containers.get(&id).cloned() else {
                 continue;
             };
-            if let Ok(Some(exit)) = monitor::read_exit(&record.monitor_dir) {
-                if record.apply_exit(&exit) {
-                    let _ = tables.containers.put(record);
+            let exit = monitor::read_exit(&record.monitor_dir);
+            let gone = matches!(exit, Ok(None))
+                && record.phase == Phase::Running
+                && !monitor::is_alive(&record.monitor_dir);
+            // Read again once the monitor is gone: it records the exit
+            // right before exiting, so it may have done both since.
+            let exit = if gone {
+                monitor::read_exit(&record.monitor_dir)
+            } else {
+                exit
+            };
+            if let Ok(Some(exit)) = exit {
+                if !record.apply_exit(&exit) {
+                    continue;
                 }
-            } else if record.phase == Phase::Running && !monitor::is_alive(&record.monitor_dir) {
+            } else if gone {
                 // The monitor died without recording an exit (e.g. killed
                 // with the node): the container cannot be watched any more.
                 record.phase = Phase::Exited;
@@ -175,9 +194,45 @@ impl Runtime {
                 record.reason = "Unknown".into();
                 record.message = "container monitor is gone".into();
                 record.finished_at = now_ns();
-                let _ = tables.containers.put(record);
+            } else {
+                continue;
+            }
+            if tables.containers.put(record.clone()).is_ok() {
+                stopped.push(record);
             }
         }
+        drop(tables);
+        self.emit_stopped(stopped);
+    }
+
+    /// Stopped events for containers whose exit was just recorded.
+    fn emit_stopped(&self, records: Vec<ContainerRecord>) {
+        for record in records {
+            let sandbox = self.sandbox(&record.sandbox_id);
+            self.emit(
+                &record.id,
+                cri::ContainerEventType::ContainerStoppedEvent,
+                sandbox.as_ref(),
+                vec![record.status()],
+            );
+        }
+    }
+
+    /// Notices containers that exit by themselves (their monitors record
+    /// it) every [`EXIT_POLL`], so their stopped events come unasked, as
+    /// from containerd's task exit events. Ends when the runtime is dropped.
+    pub fn watch_exits(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let runtime = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(EXIT_POLL).await;
+                let Some(runtime) = runtime.upgrade() else {
+                    return;
+                };
+                // File reads under the tables lock: off the async workers.
+                let _ = tokio::task::spawn_blocking(move || runtime.reconcile()).await;
+            }
+        })
     }
 
     fn emit(
@@ -242,18 +297,23 @@ impl Runtime {
     }
 
     fn reconcile_one(&self, id: &str) {
-        let mut tables = self.tables();
-        let Some(mut record) = tables.containers.resolve(id).cloned() else {
-            return;
-        };
-        if record.phase == Phase::Exited {
-            return;
-        }
-        if let Ok(Some(exit)) = monitor::read_exit(&record.monitor_dir) {
-            if record.apply_exit(&exit) {
-                let _ = tables.containers.put(record);
+        let record = {
+            let mut tables = self.tables();
+            let Some(mut record) = tables.containers.resolve(id).cloned() else {
+                return;
+            };
+            if record.phase == Phase::Exited || tables.starting.contains(&record.id) {
+                return;
             }
-        }
+            let Ok(Some(exit)) = monitor::read_exit(&record.monitor_dir) else {
+                return;
+            };
+            if !record.apply_exit(&exit) || tables.containers.put(record.clone()).is_err() {
+                return;
+            }
+            record
+        };
+        self.emit_stopped(vec![record]);
     }
 
     fn put_container(&self, record: ContainerRecord) -> Result<(), Status> {
@@ -818,24 +878,42 @@ impl RuntimeService for Runtime {
         request: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
         let id = request.into_inner().container_id;
-        let mut record = self.known_container(&id)?;
+        let record = self.known_container(&id)?;
         if record.phase != Phase::Created {
             return Err(Status::failed_precondition(format!(
                 "container {} is {:?}, not created",
                 record.id, record.phase
             )));
         }
+        if !self.tables().starting.insert(record.id.clone()) {
+            return Err(Status::failed_precondition(format!(
+                "container {} is being started",
+                record.id
+            )));
+        }
+        let sandbox = self.sandbox(&record.sandbox_id);
         let (runtime, root, cid) = (
             record.runtime.clone(),
             record.runtime_root.clone(),
             record.id.clone(),
         );
-        blocking(move || run_runtime(&runtime, &root, &["start", &cid]).map_err(Status::unknown))
-            .await?;
+        let started = blocking(move || {
+            run_runtime(&runtime, &root, &["start", &cid]).map_err(Status::unknown)
+        })
+        .await;
+        // Running and the started event under the lock, so the exit
+        // watcher reports an exit only after them.
+        let mut tables = self.tables();
+        tables.starting.remove(&record.id);
+        started?;
+        let mut record = tables
+            .containers
+            .get(&record.id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("container {id} was removed")))?;
         record.started_at = now_ns();
         record.phase = Phase::Running;
-        self.put_container(record.clone())?;
-        let sandbox = self.sandbox(&record.sandbox_id);
+        tables.containers.put(record.clone()).map_err(internal)?;
         self.emit(
             &record.id,
             cri::ContainerEventType::ContainerStartedEvent,
@@ -856,16 +934,8 @@ impl RuntimeService for Runtime {
         let timeout = Duration::from_secs(request.timeout.max(0).unsigned_abs());
         let id = record.id.clone();
         blocking(move || Runtime::stop_blocking(&record, timeout)).await?;
+        // Emits the stopped event, unless the exit watcher already did.
         self.reconcile_one(&id);
-        if let Some(record) = self.container(&id) {
-            let sandbox = self.sandbox(&record.sandbox_id);
-            self.emit(
-                &id,
-                cri::ContainerEventType::ContainerStoppedEvent,
-                sandbox.as_ref(),
-                vec![record.status()],
-            );
-        }
         Ok(Response::new(cri::StopContainerResponse {}))
     }
 
