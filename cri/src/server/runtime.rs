@@ -20,7 +20,9 @@ use super::config::{CgroupDriver, Config};
 use super::images::{status_of, ImageUsers};
 use super::records::Records;
 use super::rootfs;
-use super::state::{container_name, matches_labels, ContainerRecord, Phase, SandboxRecord};
+use super::state::{
+    container_name, matches_labels, sandbox_name, ContainerRecord, Phase, SandboxRecord,
+};
 use super::stats;
 use super::streaming::{AttachSpec, ExecSpec, Pending, PortForwardSpec, Streaming};
 use crate::image::reference::Digest;
@@ -43,6 +45,26 @@ struct Tables {
     /// Containers inside StartContainer: exits are not folded in until
     /// it marked them running, so a quick exit cannot be undone by it.
     starting: HashSet<String>,
+}
+
+impl Tables {
+    /// AlreadyExists while a sandbox (ready or not) holds pod name `name`:
+    /// a name is reserved until RemovePodSandbox, as containerd does.
+    fn sandbox_name_free(&self, name: &str) -> Result<(), Status> {
+        let holder = self.sandboxes.all().find(|s| {
+            s.config
+                .metadata
+                .as_ref()
+                .is_some_and(|m| sandbox_name(m) == name)
+        });
+        match holder {
+            Some(s) => Err(Status::already_exists(format!(
+                "pod sandbox name {name} is reserved for {}",
+                s.id
+            ))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// The RuntimeService and the state behind it.
@@ -534,6 +556,10 @@ impl RuntimeService for Runtime {
             ));
         }
         let (handler, _, _) = self.handler(&request.runtime_handler)?;
+        let name = sandbox_name(&metadata);
+        // Checked before the (slow) setup and again when recording it, for
+        // identical requests that ran at once.
+        self.tables().sandbox_name_free(&name)?;
         let id = random_id()?;
         let settings = self.settings.clone();
         let (sid, sconfig) = (id.clone(), config.clone());
@@ -554,9 +580,15 @@ impl RuntimeService for Runtime {
             ready: true,
             state,
         };
-        if let Err(e) = self.tables().sandboxes.put(record.clone()) {
+        let stored = {
+            let mut tables = self.tables();
+            tables
+                .sandbox_name_free(&name)
+                .and_then(|()| tables.sandboxes.put(record.clone()).map_err(internal))
+        };
+        if let Err(e) = stored {
             let _ = sandbox::teardown(&record.state, &self.settings);
-            return Err(internal(e));
+            return Err(e);
         }
         tracing::info!(sandbox = %id, "pod sandbox running");
         self.emit(

@@ -257,6 +257,15 @@ pub fn container_name(config: &cri::ContainerConfig, sandbox: &cri::PodSandboxCo
     )
 }
 
+/// containerd's sandbox name reservation key: one pod sandbox per (name,
+/// namespace, UID, attempt).
+pub fn sandbox_name(metadata: &cri::PodSandboxMetadata) -> String {
+    format!(
+        "{}_{}_{}_{}",
+        metadata.name, metadata.namespace, metadata.uid, metadata.attempt
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 mod tests {
@@ -291,5 +300,9 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(container_name(&config, &sandbox), "app_web_default_u1_2");
+        assert_eq!(
+            sandbox_name(sandbox.metadata.as_ref().unwrap()),
+            "web_default_u1_0"
+        );
     }
 }
