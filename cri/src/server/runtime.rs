@@ -439,6 +439,32 @@ impl ImageUsers for Runtime {
     }
 }
 
+/// Makes bind mount sources that do not exist as directories (0755), as
+/// containerd and CRI-O do: the kubelet leaves hostPath volumes of type ""
+/// to the runtime. The spec checked that the paths are absolute.
+fn make_missing_host_paths(mounts: &[cri::Mount]) -> Result<(), Status> {
+    use std::os::unix::fs::DirBuilderExt;
+    for mount in mounts {
+        let path = Path::new(&mount.host_path);
+        // Follows symlinks, as Go's os.Stat there: a dangling one fails.
+        let made = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(path),
+            other => other.map(drop),
+        };
+        made.map_err(|e| {
+            Status::invalid_argument(format!(
+                "mount host path {} for {}: {e}",
+                path.display(),
+                mount.container_path
+            ))
+        })?;
+    }
+    Ok(())
+}
+
 /// The parts of image configuration CreateContainer needs.
 fn image_config(
     images: &ImageService,
@@ -845,6 +871,7 @@ impl RuntimeService for Runtime {
                     &host,
                 )
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                make_missing_host_paths(&cconfig.mounts)?;
                 spec.save(cbundle.join("config.json")).map_err(internal)?;
                 if let Some(parent) = clog.parent() {
                     std::fs::create_dir_all(parent).map_err(internal)?;
