@@ -290,6 +290,9 @@ impl Runtime {
 
     /// A sandbox by ID or unique prefix; NotFound otherwise.
     fn known_sandbox(&self, id: &str) -> Result<SandboxRecord, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("pod sandbox ID is required"));
+        }
         self.sandbox(id)
             .ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))
     }
@@ -297,6 +300,9 @@ impl Runtime {
     /// A container by ID or unique prefix; NotFound otherwise, as the
     /// kubelet expects.
     fn known_container(&self, id: &str) -> Result<ContainerRecord, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("container ID is required"));
+        }
         self.container(id)
             .ok_or_else(|| Status::not_found(format!("container {id} not found")))
     }
