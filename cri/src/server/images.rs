@@ -8,7 +8,7 @@ use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService as CriImageService;
 use tonic::{Request, Response, Status};
 
-use crate::image::registry::AuthConfig;
+use crate::image::registry::{AuthConfig, RegistryError};
 use crate::image::service::{Image, ImageService, ServiceError};
 
 /// Decides whether an image may go: the runtime side refuses to remove an
@@ -33,10 +33,15 @@ impl Images {
 }
 
 /// Maps library errors to gRPC codes: bad references are the caller's
-/// fault, registry answers keep their message, the rest is internal.
+/// fault, an image or tag the registry does not have is NotFound (as
+/// containerd answers), other registry answers keep their message, the
+/// rest is internal.
 pub fn status_of(err: ServiceError) -> Status {
     match &err {
         ServiceError::Reference(_) => Status::invalid_argument(err.to_string()),
+        ServiceError::Pull { source, .. } if matches!(**source, RegistryError::NotFound { .. }) => {
+            Status::not_found(err.to_string())
+        }
         ServiceError::Pull { .. } => Status::unknown(err.to_string()),
         _ => Status::internal(err.to_string()),
     }

@@ -108,6 +108,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
     let listener = bind(&socket)?;
     tracing::info!(socket = %socket.display(), stream = %streaming.addr(), "bosun-cri serving CRI v1");
     let stream_server = tokio::spawn(streaming::serve(streaming, stream_listener));
+    let exit_watcher = runtime.watch_exits();
     let users: Arc<dyn images::ImageUsers> = runtime.clone();
     let served = tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::from_arc(runtime))
@@ -115,6 +116,7 @@ pub async fn serve(config: Config) -> Result<(), ServeError> {
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown_signal())
         .await;
     stream_server.abort();
+    exit_watcher.abort();
     served?;
     tracing::info!("bosun-cri stopped; containers keep running under their monitors");
     let _ = std::fs::remove_file(&socket);

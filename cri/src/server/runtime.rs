@@ -38,6 +38,8 @@ pub const RUNTIME_NAME: &str = "bosun";
 const CREATE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long StopContainer waits for SIGKILL to take effect.
 const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How often exits recorded by monitors are looked for.
+const EXIT_POLL: Duration = Duration::from_millis(250);
 
 struct Tables {
     sandboxes: Records<SandboxRecord>,
@@ -46,6 +48,9 @@ struct Tables {
     intents: Records<Intent>,
     /// Names of sandboxes and containers being created.
     reserved: HashSet<String>,
+    /// Containers inside StartContainer: exits are not folded in until
+    /// it marked them running, so a quick exit cannot be undone by it.
+    starting: HashSet<String>,
 }
 
 impl Tables {
@@ -174,6 +179,7 @@ impl Runtime {
                 .map_err(|e| e.to_string())?,
             intents: Records::load(&config.root.join("intents")).map_err(|e| e.to_string())?,
             reserved: HashSet::new(),
+            starting: HashSet::new(),
         };
         let (events, _) = broadcast::channel(256);
         let runtime = Arc::new(Self {
@@ -233,24 +239,37 @@ impl Runtime {
         self.tables.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Folds exits recorded by monitors into container records.
+    /// Folds exits recorded by monitors into container records; each exit
+    /// seen for the first time is reported as a stopped event.
     fn reconcile(&self) {
         let mut tables = self.tables();
+        let mut stopped = Vec::new();
         let ids: Vec<String> = tables
             .containers
             .all()
-            .filter(|c| c.phase != Phase::Exited)
+            .filter(|c| c.phase != Phase::Exited && !tables.starting.contains(&c.id))
             .map(|c| c.id.clone())
             .collect();
         for id in ids {
             let Some(mut record) = tables.containers.get(&id).cloned() else {
                 continue;
             };
-            if let Ok(Some(exit)) = monitor::read_exit(&record.monitor_dir) {
-                if record.apply_exit(&exit) {
-                    let _ = tables.containers.put(record);
+            let exit = monitor::read_exit(&record.monitor_dir);
+            let gone = matches!(exit, Ok(None))
+                && record.phase == Phase::Running
+                && !monitor::is_alive(&record.monitor_dir);
+            // Read again once the monitor is gone: it records the exit
+            // right before exiting, so it may have done both since.
+            let exit = if gone {
+                monitor::read_exit(&record.monitor_dir)
+            } else {
+                exit
+            };
+            if let Ok(Some(exit)) = exit {
+                if !record.apply_exit(&exit) {
+                    continue;
                 }
-            } else if record.phase == Phase::Running && !monitor::is_alive(&record.monitor_dir) {
+            } else if gone {
                 // The monitor died without recording an exit (e.g. killed
                 // with the node): the container cannot be watched any more.
                 record.phase = Phase::Exited;
@@ -258,9 +277,45 @@ impl Runtime {
                 record.reason = "Unknown".into();
                 record.message = "container monitor is gone".into();
                 record.finished_at = now_ns();
-                let _ = tables.containers.put(record);
+            } else {
+                continue;
+            }
+            if tables.containers.put(record.clone()).is_ok() {
+                stopped.push(record);
             }
         }
+        drop(tables);
+        self.emit_stopped(stopped);
+    }
+
+    /// Stopped events for containers whose exit was just recorded.
+    fn emit_stopped(&self, records: Vec<ContainerRecord>) {
+        for record in records {
+            let sandbox = self.sandbox(&record.sandbox_id);
+            self.emit(
+                &record.id,
+                cri::ContainerEventType::ContainerStoppedEvent,
+                sandbox.as_ref(),
+                vec![record.status()],
+            );
+        }
+    }
+
+    /// Notices containers that exit by themselves (their monitors record
+    /// it) every [`EXIT_POLL`], so their stopped events come unasked, as
+    /// from containerd's task exit events. Ends when the runtime is dropped.
+    pub fn watch_exits(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let runtime = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(EXIT_POLL).await;
+                let Some(runtime) = runtime.upgrade() else {
+                    return;
+                };
+                // File reads under the tables lock: off the async workers.
+                let _ = tokio::task::spawn_blocking(move || runtime.reconcile()).await;
+            }
+        })
     }
 
     fn emit(
@@ -296,6 +351,9 @@ impl Runtime {
 
     /// A sandbox by ID or unique prefix; NotFound otherwise.
     fn known_sandbox(&self, id: &str) -> Result<SandboxRecord, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("pod sandbox ID is required"));
+        }
         self.sandbox(id)
             .ok_or_else(|| Status::not_found(format!("pod sandbox {id} not found")))
     }
@@ -303,6 +361,9 @@ impl Runtime {
     /// A container by ID or unique prefix; NotFound otherwise, as the
     /// kubelet expects.
     fn known_container(&self, id: &str) -> Result<ContainerRecord, Status> {
+        if id.is_empty() {
+            return Err(Status::invalid_argument("container ID is required"));
+        }
         self.container(id)
             .ok_or_else(|| Status::not_found(format!("container {id} not found")))
     }
@@ -325,18 +386,23 @@ impl Runtime {
     }
 
     fn reconcile_one(&self, id: &str) {
-        let mut tables = self.tables();
-        let Some(mut record) = tables.containers.resolve(id).cloned() else {
-            return;
-        };
-        if record.phase == Phase::Exited {
-            return;
-        }
-        if let Ok(Some(exit)) = monitor::read_exit(&record.monitor_dir) {
-            if record.apply_exit(&exit) {
-                let _ = tables.containers.put(record);
+        let record = {
+            let mut tables = self.tables();
+            let Some(mut record) = tables.containers.resolve(id).cloned() else {
+                return;
+            };
+            if record.phase == Phase::Exited || tables.starting.contains(&record.id) {
+                return;
             }
-        }
+            let Ok(Some(exit)) = monitor::read_exit(&record.monitor_dir) else {
+                return;
+            };
+            if !record.apply_exit(&exit) || tables.containers.put(record.clone()).is_err() {
+                return;
+            }
+            record
+        };
+        self.emit_stopped(vec![record]);
     }
 
     fn put_container(&self, record: ContainerRecord) -> Result<(), Status> {
@@ -438,6 +504,32 @@ impl ImageUsers for Runtime {
             .map(|c| c.id.clone())
             .collect()
     }
+}
+
+/// Makes bind mount sources that do not exist as directories (0755), as
+/// containerd and CRI-O do: the kubelet leaves hostPath volumes of type ""
+/// to the runtime. The spec checked that the paths are absolute.
+fn make_missing_host_paths(mounts: &[cri::Mount]) -> Result<(), Status> {
+    use std::os::unix::fs::DirBuilderExt;
+    for mount in mounts {
+        let path = Path::new(&mount.host_path);
+        // Follows symlinks, as Go's os.Stat there: a dangling one fails.
+        let made = match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(path),
+            other => other.map(drop),
+        };
+        made.map_err(|e| {
+            Status::invalid_argument(format!(
+                "mount host path {} for {}: {e}",
+                path.display(),
+                mount.container_path
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// The parts of image configuration CreateContainer needs.
@@ -884,6 +976,7 @@ impl RuntimeService for Runtime {
                     &host,
                 )
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                make_missing_host_paths(&cconfig.mounts)?;
                 spec.save(cbundle.join("config.json")).map_err(internal)?;
                 if let Some(parent) = clog.parent() {
                     std::fs::create_dir_all(parent).map_err(internal)?;
@@ -943,24 +1036,42 @@ impl RuntimeService for Runtime {
         request: Request<cri::StartContainerRequest>,
     ) -> Result<Response<cri::StartContainerResponse>, Status> {
         let id = request.into_inner().container_id;
-        let mut record = self.known_container(&id)?;
+        let record = self.known_container(&id)?;
         if record.phase != Phase::Created {
             return Err(Status::failed_precondition(format!(
                 "container {} is {:?}, not created",
                 record.id, record.phase
             )));
         }
+        if !self.tables().starting.insert(record.id.clone()) {
+            return Err(Status::failed_precondition(format!(
+                "container {} is being started",
+                record.id
+            )));
+        }
+        let sandbox = self.sandbox(&record.sandbox_id);
         let (runtime, root, cid) = (
             record.runtime.clone(),
             record.runtime_root.clone(),
             record.id.clone(),
         );
-        blocking(move || run_runtime(&runtime, &root, &["start", &cid]).map_err(Status::unknown))
-            .await?;
+        let started = blocking(move || {
+            run_runtime(&runtime, &root, &["start", &cid]).map_err(Status::unknown)
+        })
+        .await;
+        // Running and the started event under the lock, so the exit
+        // watcher reports an exit only after them.
+        let mut tables = self.tables();
+        tables.starting.remove(&record.id);
+        started?;
+        let mut record = tables
+            .containers
+            .get(&record.id)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("container {id} was removed")))?;
         record.started_at = now_ns();
         record.phase = Phase::Running;
-        self.put_container(record.clone())?;
-        let sandbox = self.sandbox(&record.sandbox_id);
+        tables.containers.put(record.clone()).map_err(internal)?;
         self.emit(
             &record.id,
             cri::ContainerEventType::ContainerStartedEvent,
@@ -981,16 +1092,8 @@ impl RuntimeService for Runtime {
         let timeout = Duration::from_secs(request.timeout.max(0).unsigned_abs());
         let id = record.id.clone();
         blocking(move || Runtime::stop_blocking(&record, timeout)).await?;
+        // Emits the stopped event, unless the exit watcher already did.
         self.reconcile_one(&id);
-        if let Some(record) = self.container(&id) {
-            let sandbox = self.sandbox(&record.sandbox_id);
-            self.emit(
-                &id,
-                cri::ContainerEventType::ContainerStoppedEvent,
-                sandbox.as_ref(),
-                vec![record.status()],
-            );
-        }
         Ok(Response::new(cri::StopContainerResponse {}))
     }
 

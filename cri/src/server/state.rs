@@ -318,5 +318,6 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(container_name(&config, &sandbox), "app_web_default_u1_2");
+        assert_eq!(sandbox_name(&sandbox), "web_default_u1_0");
     }
 }

@@ -93,6 +93,12 @@ impl Daemon {
     }
 
     pub async fn new(subnet: &str) -> Result<Self> {
+        Self::with_config(subnet, "").await
+    }
+
+    /// Like [`Self::new`], with `extra` top-level TOML keys in the
+    /// daemon's config (`registry_hosts`, `seccomp_profile_root`, ...).
+    pub async fn with_config(subnet: &str, extra: &str) -> Result<Self> {
         let bins = bin_dir()?;
         let dir = tempfile::tempdir()?;
         let root = dir.path();
@@ -123,6 +129,7 @@ cni_conf_dir = "{root}/net.d"
 cni_bin_dirs = ["{bins}"]
 monitor = "{monitor}"
 default_runtime = "bosun-runc"
+{extra}
 [runtimes.bosun-runc]
 path = "{bins}/bosun-runc"
 root = "{root}/state/runtime/bosun-runc"
