@@ -128,8 +128,9 @@ pub struct Host {
     /// The lowest oom_score_adj this process may give a child: its own value
     /// when CAP_SYS_RESOURCE is missing, -1000 otherwise.
     pub min_oom_score_adj: i32,
-    /// /proc/sys/kernel/cap_last_cap: bounds "ALL" and privileged sets.
-    pub last_cap: u32,
+    /// This process's bounding set (CapBnd), by capability number: what
+    /// "ALL" and privileged containers get.
+    pub bounding_caps: u64,
     /// Where Localhost seccomp profiles must live (kubelet's
     /// `/var/lib/kubelet/seccomp`).
     pub seccomp_profile_root: PathBuf,
@@ -175,7 +176,7 @@ pub fn container_spec(
     }
     let ns = Namespaces::from_security_context(sc)?;
 
-    let caps = capability_sets(sc.capabilities.as_ref(), sc.privileged, host.last_cap)?;
+    let caps = capability_sets(sc.capabilities.as_ref(), sc.privileged, host.bounding_caps)?;
     let mut process = Process::default();
     process.set_args(Some(process_args(&name, config, &image_config)?));
     process.set_env(Some(process_env(config, sandbox, &image_config, host)));

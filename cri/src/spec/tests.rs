@@ -68,7 +68,7 @@ impl Fixture {
                 systemd_cgroup: false,
                 swap_limit: true,
                 min_oom_score_adj: -500,
-                last_cap: 40,
+                bounding_caps: (1 << 41) - 1,
                 seccomp_profile_root: PathBuf::from("/var/lib/kubelet/seccomp"),
             },
         }
