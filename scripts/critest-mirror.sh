@@ -7,8 +7,8 @@
 #   scripts/critest-mirror.sh [DIR]        (default DIR: /tmp/bosun-critest-mirror)
 #   scripts/critest-mirror.sh --stop [DIR]
 #
-# Env: PORT (5000) on 127.0.0.1; BIN, the dir holding bosun-testimage and
-# bosun-nnp-probe (default: this tree's release build, built if missing).
+# Env: PORT (5000) on 127.0.0.1; BIN, the dir holding bosun-testimage,
+# bosun-nnp-probe and bosun-pause (default: this tree's release build, built if missing).
 #
 # Writes, for the runtime under test:
 #   DIR/registry-hosts.json   bosun-cri's registry_hosts (every registry
@@ -37,7 +37,7 @@ done
 
 if [ -z "${BIN:-}" ]; then
   BIN=${CARGO_TARGET_DIR:-$here/target}/x86_64-unknown-linux-gnu/release
-  if [ ! -x "$BIN/bosun-testimage" ] || [ ! -x "$BIN/bosun-nnp-probe" ]; then
+  if [ ! -x "$BIN/bosun-testimage" ] || [ ! -x "$BIN/bosun-nnp-probe" ] || [ ! -x "$BIN/bosun-pause" ]; then
     (cd "$here" && cargo build --release -q -p bosun-testsupport)
   fi
 fi

@@ -8,12 +8,14 @@
 //! probe printing its effective uid. `scripts/critest-mirror.sh` pushes them
 //! to a local registry under the upstream repository paths.
 //!
-//! The image pinned by digest (`test-image-digest@sha256:9700f9…`) cannot be
-//! reproduced: its spec fails on any runtime here.
+//! Known gaps, failing their specs on any runtime: the image pinned by
+//! digest (`test-image-digest@sha256:9700f9…`) cannot be reproduced; and
+//! Debian's busybox runs applets inside `sh` without exec, so masking
+//! `/bin/ls` does not stop `sh -c ls` (MaskedPaths).
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::layout::{self, RunConfig};
 use crate::{rootfs, Error};
@@ -23,7 +25,7 @@ use crate::{rootfs, Error};
 pub enum Kind {
     /// The e2e busybox image: `sh`.
     Busybox,
-    /// A pause image: sleeps until killed. `marker` makes its ID its own.
+    /// A pause image (`bosun-pause`). `marker` makes its ID its own.
     Pause { marker: &'static str },
     /// cri-tools' `image-test`: busybox plus an empty file named `marker`,
     /// so images with different markers have different IDs.
@@ -245,13 +247,31 @@ exec httpd -f -v -p 80 -h /usr/local/apache2/htdocs
 
 const INDEX_HTML: &str = "<html><body><h1>It works!</h1></body></html>\n";
 
+/// The static programs some stand-ins hold, built from this crate.
+#[derive(Debug, Clone)]
+pub struct Programs {
+    /// `bosun-nnp-probe`, for the nonewprivs image.
+    pub nnp_probe: PathBuf,
+    /// `bosun-pause`, for the pause images.
+    pub pause: PathBuf,
+}
+
+impl Programs {
+    /// Both programs from `dir` (where cargo put this crate's binaries).
+    pub fn in_dir(dir: &Path) -> Programs {
+        Programs {
+            nnp_probe: dir.join("bosun-nnp-probe"),
+            pause: dir.join("bosun-pause"),
+        }
+    }
+}
+
 /// Builds every stand-in into the OCI layout at `layout_dir` (one tag each,
 /// [`StandIn::tag`]), using `scratch` for the root filesystems.
-/// `nnp_probe` is the static program for the nonewprivs image.
 pub fn write_layout(
     layout_dir: &Path,
     scratch: &Path,
-    nnp_probe: &Path,
+    programs: &Programs,
 ) -> Result<Vec<StandIn>, Error> {
     let images = stand_ins();
     for image in &images {
@@ -259,7 +279,7 @@ pub fn write_layout(
         if root.exists() {
             fs::remove_dir_all(&root).map_err(Error::io("remove", &root))?;
         }
-        let run = build_rootfs(&root, image.kind, nnp_probe)?;
+        let run = build_rootfs(&root, image.kind, programs)?;
         layout::write_with(layout_dir, &format!("critest:{}", image.tag), &root, &run)?;
         fs::remove_dir_all(&root).map_err(Error::io("remove", &root))?;
     }
@@ -267,7 +287,7 @@ pub fn write_layout(
 }
 
 /// Fills `root` for `kind` and returns the image's runtime config.
-fn build_rootfs(root: &Path, kind: Kind, nnp_probe: &Path) -> Result<RunConfig, Error> {
+fn build_rootfs(root: &Path, kind: Kind, programs: &Programs) -> Result<RunConfig, Error> {
     rootfs::busybox(root)?;
     write_file(&root.join("etc/passwd"), PASSWD, 0o644)?;
     write_file(&root.join("etc/group"), GROUP, 0o644)?;
@@ -280,7 +300,8 @@ fn build_rootfs(root: &Path, kind: Kind, nnp_probe: &Path) -> Result<RunConfig, 
             if !marker.is_empty() {
                 write_file(&root.join(marker), "", 0o644)?;
             }
-            run.entrypoint = strings(&["/bin/sleep", "infinity"]);
+            copy_program(&programs.pause, &root.join("pause"), 0o755)?;
+            run.entrypoint = strings(&["/pause"]);
             run.cmd = Vec::new();
         }
         Kind::Marker(name) => write_file(&root.join(name), "", 0o644)?,
@@ -323,11 +344,13 @@ fn build_rootfs(root: &Path, kind: Kind, nnp_probe: &Path) -> Result<RunConfig, 
             run.working_dir = "/usr/local/apache2".to_owned();
         }
         Kind::NoNewPrivs => {
-            let probe = root.join("usr/local/bin/nnp-probe");
             make_dir(&root.join("usr/local/bin"))?;
-            fs::copy(nnp_probe, &probe).map_err(Error::io("copy nnp probe to", &probe))?;
             // Setuid root: the effective uid shows whether no_new_privs held.
-            set_mode(&probe, 0o4755)?;
+            copy_program(
+                &programs.nnp_probe,
+                &root.join("usr/local/bin/nnp-probe"),
+                0o4755,
+            )?;
             run.cmd = strings(&["/usr/local/bin/nnp-probe"]);
         }
     }
@@ -336,6 +359,11 @@ fn build_rootfs(root: &Path, kind: Kind, nnp_probe: &Path) -> Result<RunConfig, 
 
 fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn copy_program(src: &Path, dest: &Path, mode: u32) -> Result<(), Error> {
+    fs::copy(src, dest).map_err(Error::io("copy to", dest))?;
+    set_mode(dest, mode)
 }
 
 fn make_dir(path: &Path) -> Result<(), Error> {

@@ -68,18 +68,20 @@ fn print_layout(dir: &str, reference: &str, rootfs: &Path) -> Result<()> {
 }
 
 /// Writes critest's stand-in images into the layout at `dir`, with the
-/// setuid probe that is installed beside this binary.
+/// programs built beside this binary.
 fn critest_images(dir: &Path) -> Result<()> {
     let exe = std::env::current_exe().context("locating bosun-testimage")?;
-    let probe = exe.with_file_name("bosun-nnp-probe");
-    if !probe.is_file() {
-        bail!(
-            "{} not found: build it with `cargo build -p bosun-testsupport`",
-            probe.display()
-        );
+    let programs = critest::Programs::in_dir(exe.parent().unwrap_or(Path::new(".")));
+    for program in [&programs.nnp_probe, &programs.pause] {
+        if !program.is_file() {
+            bail!(
+                "{} not found: build it with `cargo build -p bosun-testsupport`",
+                program.display()
+            );
+        }
     }
     let scratch = std::env::temp_dir().join(format!("bosun-critest-{}", std::process::id()));
-    let result = critest::write_layout(dir, &scratch, &probe);
+    let result = critest::write_layout(dir, &scratch, &programs);
     let _ = std::fs::remove_dir_all(&scratch);
     for image in result? {
         for reference in image.references {
