@@ -17,6 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
 use super::config::{CgroupDriver, Config};
+use super::exec_process;
 use super::images::{status_of, ImageUsers};
 use super::records::Records;
 use super::rootfs;
@@ -63,6 +64,31 @@ fn random_id() -> Result<String, Status> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
         .map_err(|e| Status::internal(format!("read /dev/urandom: {e}")))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Scratch files of one exec, removed when it ends however it ends.
+struct ExecFiles([PathBuf; 2]);
+
+impl Drop for ExecFiles {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// SIGKILLs the process an exec started, by the pid its runtime recorded.
+fn kill_exec_process(pid_file: &Path) {
+    let pid = std::fs::read_to_string(pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+        .filter(|pid| *pid > 0);
+    if let Some(pid) = pid {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
 }
 
 fn internal(e: impl std::fmt::Display) -> Status {
@@ -987,29 +1013,48 @@ impl RuntimeService for Runtime {
         if request.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is required"));
         }
+        // The container's own process (user, groups, env, ...) with this
+        // command, and where the runtime says which pid it got.
+        let token = random_id()?;
+        let dir = record.bundle.parent().unwrap_or(&record.bundle);
+        let process_file = dir.join(format!("exec-{}.json", &token[..16]));
+        let pid_file = dir.join(format!("exec-{}.pid", &token[..16]));
+        let cleanup = ExecFiles([process_file.clone(), pid_file.clone()]);
+        exec_process::write(&record.bundle, &request.cmd, false, &process_file)
+            .map_err(internal)?;
         let mut command = tokio::process::Command::new(&record.runtime);
         command
             .arg("--root")
             .arg(&record.runtime_root)
             .arg("exec")
+            .arg("--process")
+            .arg(&process_file)
+            .arg("--pid-file")
+            .arg(&pid_file)
             .arg(&record.id)
-            .args(&request.cmd)
             .stdin(std::process::Stdio::null())
             .kill_on_drop(true);
         let run = command.output();
+        tokio::pin!(run);
         let output = if request.timeout > 0 {
-            tokio::time::timeout(Duration::from_secs(request.timeout.unsigned_abs()), run)
-                .await
-                .map_err(|_| {
-                    Status::deadline_exceeded(format!(
+            let limit = Duration::from_secs(request.timeout.unsigned_abs());
+            tokio::select! {
+                output = &mut run => output,
+                () = tokio::time::sleep(limit) => {
+                    // Killing the runtime's exec alone would orphan the
+                    // command inside the container: kill the command itself.
+                    kill_exec_process(&pid_file);
+                    return Err(Status::deadline_exceeded(format!(
                         "command timed out after {} s",
                         request.timeout
-                    ))
-                })?
+                    )));
+                }
+            }
         } else {
             run.await
         }
         .map_err(internal)?;
+        drop(cleanup);
         let exit_code = output.status.code().unwrap_or(255);
         Ok(Response::new(cri::ExecSyncResponse {
             stdout: output.stdout,
