@@ -192,7 +192,10 @@ pub fn container_spec(
             .ambient(oci_caps(&caps.ambient)?)
             .build()?,
     ));
-    process.set_no_new_privileges(Some(sc.no_new_privs));
+    // Absent rather than false when off, as containerd writes it:
+    // libcontainer reads an explicit false as "set", loads seccomp only
+    // after dropping capabilities, and then fails without CAP_SYS_ADMIN.
+    process.set_no_new_privileges(sc.no_new_privs.then_some(true));
     process.set_oom_score_adj(oom_score_adj(resources, host)?);
     // Like containerd: no rlimits, so the container inherits the runtime's.
     process.set_rlimits(None);
