@@ -771,18 +771,19 @@ fn mounts(
                 "must be an absolute path",
             ));
         }
+        // Before the host path check: an image volume has none.
+        if m.image.is_some() {
+            return Err(SpecError::Unsupported {
+                field: "mounts.image",
+                value: m.container_path.clone(),
+            });
+        }
         if !m.host_path.starts_with('/') {
             return Err(invalid(
                 "mounts.host_path",
                 &m.host_path,
                 "must be an absolute path",
             ));
-        }
-        if m.image.is_some() {
-            return Err(SpecError::Unsupported {
-                field: "mounts.image",
-                value: m.container_path.clone(),
-            });
         }
         if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
             return Err(SpecError::Unsupported {

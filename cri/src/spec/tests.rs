@@ -484,6 +484,23 @@ fn cri_mounts_with_propagation() {
         let err = f.err(&c);
         assert!(err.contains(field), "{field}: {err}");
     }
+
+    // An image volume has no host path; it is unsupported, not invalid.
+    let mut c = container();
+    c.mounts = vec![CriMount {
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        }),
+        ..m("/mnt/image", "", MountPropagation::PropagationPrivate)
+    }];
+    assert!(matches!(
+        f.build(&c),
+        Err(SpecError::Unsupported {
+            field: "mounts.image",
+            ..
+        })
+    ));
 }
 
 #[test]
