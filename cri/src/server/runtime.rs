@@ -35,6 +35,9 @@ use crate::spec::{self, Host, ImageContext, SandboxContext};
 pub const RUNTIME_NAME: &str = "bosun";
 /// How long StopContainer waits for SIGKILL to take effect.
 const KILL_GRACE: Duration = Duration::from_secs(10);
+/// How long a timed-out ExecSync waits for the runtime to reap the command
+/// it killed.
+const EXEC_REAP_GRACE: Duration = Duration::from_secs(2);
 
 struct Tables {
     sandboxes: Records<SandboxRecord>,
@@ -1043,12 +1046,15 @@ impl RuntimeService for Runtime {
         tokio::pin!(run);
         let output = if request.timeout > 0 {
             let limit = Duration::from_secs(request.timeout.unsigned_abs());
-            tokio::select! {
-                output = &mut run => output,
-                () = tokio::time::sleep(limit) => {
-                    // Killing the runtime's exec alone would orphan the
-                    // command inside the container: kill the command itself.
+            match tokio::time::timeout(limit, &mut run).await {
+                Ok(output) => output,
+                Err(_) => {
+                    // Kill the command itself (killing only the runtime's
+                    // exec would leave it running), then give the runtime
+                    // a moment to reap it: if the runtime dies first, the
+                    // zombie goes to the host's init, not the pod's.
                     kill_exec_process(&pid_file);
+                    let _ = tokio::time::timeout(EXEC_REAP_GRACE, &mut run).await;
                     return Err(Status::deadline_exceeded(format!(
                         "command timed out after {} s",
                         request.timeout
