@@ -7,8 +7,12 @@
 #   scripts/critest-mirror.sh [DIR]        (default DIR: /tmp/bosun-critest-mirror)
 #   scripts/critest-mirror.sh --stop [DIR]
 #
+# The registry listens where the script runs: for a daemon in a node network
+# namespace, run it there (`nsenter --net=/run/netns/node scripts/...`).
+#
 # Env: PORT (5000) on 127.0.0.1; BIN, the dir holding bosun-testimage,
-# bosun-nnp-probe and bosun-pause (default: this tree's release build, built if missing).
+# bosun-nnp-probe and bosun-pause (default: this tree's release build,
+# built if missing).
 #
 # Writes, for the runtime under test:
 #   DIR/registry-hosts.json   bosun-cri's registry_hosts (every registry
