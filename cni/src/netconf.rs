@@ -173,18 +173,29 @@ pub struct RuntimeConfig {
 }
 
 /// One host port forwarded to the container.
+///
+/// containerd (go-cni) sends these with Go's field names (`HostPort`,
+/// ...): its struct has no JSON tags, and Go plugins decode keys
+/// case-insensitively, so both spellings are accepted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PortMapping {
     /// Port on the host.
+    #[serde(alias = "HostPort")]
     pub host_port: u16,
     /// Port in the container.
+    #[serde(alias = "ContainerPort")]
     pub container_port: u16,
     /// `tcp`, `udp` or `sctp`.
-    #[serde(default = "default_protocol")]
+    #[serde(default = "default_protocol", alias = "Protocol")]
     pub protocol: String,
     /// Host address to bind; all when absent.
-    #[serde(rename = "hostIP", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "hostIP",
+        alias = "HostIP",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub host_ip: Option<String>,
 }
 
@@ -923,6 +934,20 @@ mod tests {
             code::INVALID_NETWORK_CONFIG,
             "ipam.ranges[0][1].subnet fd00::/64 mixes IP families in range set 0",
         );
+    }
+
+    #[test]
+    fn port_mappings_in_gos_field_names_parse() {
+        // What containerd 1.6 sends: go-cni's untagged struct.
+        let mut v = base();
+        v["runtimeConfig"] = json!({"portMappings": [
+            {"HostPort": 12000, "ContainerPort": 80, "Protocol": "tcp", "HostIP": ""}
+        ]});
+        let conf = parse_value(v).unwrap();
+        let pm = &conf.runtime_config.port_mappings[0];
+        assert_eq!((pm.host_port, pm.container_port), (12000, 80));
+        assert_eq!(pm.protocol, "tcp");
+        assert_eq!(pm.host_ip.as_deref(), Some(""));
     }
 
     #[test]

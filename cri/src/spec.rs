@@ -128,8 +128,9 @@ pub struct Host {
     /// The lowest oom_score_adj this process may give a child: its own value
     /// when CAP_SYS_RESOURCE is missing, -1000 otherwise.
     pub min_oom_score_adj: i32,
-    /// /proc/sys/kernel/cap_last_cap: bounds "ALL" and privileged sets.
-    pub last_cap: u32,
+    /// This process's bounding set (CapBnd), by capability number: what
+    /// "ALL" and privileged containers get.
+    pub bounding_caps: u64,
     /// Where Localhost seccomp profiles must live (kubelet's
     /// `/var/lib/kubelet/seccomp`).
     pub seccomp_profile_root: PathBuf,
@@ -175,7 +176,7 @@ pub fn container_spec(
     }
     let ns = Namespaces::from_security_context(sc)?;
 
-    let caps = capability_sets(sc.capabilities.as_ref(), sc.privileged, host.last_cap)?;
+    let caps = capability_sets(sc.capabilities.as_ref(), sc.privileged, host.bounding_caps)?;
     let mut process = Process::default();
     process.set_args(Some(process_args(&name, config, &image_config)?));
     process.set_env(Some(process_env(config, sandbox, &image_config, host)));
@@ -191,7 +192,10 @@ pub fn container_spec(
             .ambient(oci_caps(&caps.ambient)?)
             .build()?,
     ));
-    process.set_no_new_privileges(Some(sc.no_new_privs));
+    // Absent rather than false when off, as containerd writes it:
+    // libcontainer reads an explicit false as "set", loads seccomp only
+    // after dropping capabilities, and then fails without CAP_SYS_ADMIN.
+    process.set_no_new_privileges(sc.no_new_privs.then_some(true));
     process.set_oom_score_adj(oom_score_adj(resources, host)?);
     // Like containerd: no rlimits, so the container inherits the runtime's.
     process.set_rlimits(None);
@@ -767,18 +771,19 @@ fn mounts(
                 "must be an absolute path",
             ));
         }
+        // Before the host path check: an image volume has none.
+        if m.image.is_some() {
+            return Err(SpecError::Unsupported {
+                field: "mounts.image",
+                value: m.container_path.clone(),
+            });
+        }
         if !m.host_path.starts_with('/') {
             return Err(invalid(
                 "mounts.host_path",
                 &m.host_path,
                 "must be an absolute path",
             ));
-        }
-        if m.image.is_some() {
-            return Err(SpecError::Unsupported {
-                field: "mounts.image",
-                value: m.container_path.clone(),
-            });
         }
         if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
             return Err(SpecError::Unsupported {

@@ -80,13 +80,16 @@ async fn pod_lifecycle_over_grpc_survives_a_daemon_kill() -> Result<()> {
     assert!(ip.starts_with("10.231.0."), "pod IP {ip}");
     assert_eq!(pod_status.state, cri::PodSandboxState::SandboxReady as i32);
 
+    // As uid 1000 with extra groups: ExecSync must run as that too.
+    let mut app = container_config("app", "echo hello from app; echo oops >&2; exec sleep 1000");
+    if let Some(sc) = app.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
+        sc.run_as_user = Some(cri::Int64Value { value: 1000 });
+        sc.supplemental_groups = vec![1234, 5678];
+    }
     let created = rt
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
-            config: Some(container_config(
-                "app",
-                "echo hello from app; echo oops >&2; exec sleep 1000",
-            )),
+            config: Some(app),
             sandbox_config: Some(sandbox_config.clone()),
         })
         .await
@@ -142,6 +145,34 @@ async fn pod_lifecycle_over_grpc_survives_a_daemon_kill() -> Result<()> {
         .await?
         .into_inner();
     assert_eq!(out.exit_code, 7);
+    // The container's user and groups, not the runtime's default (root).
+    let out = rt
+        .exec_sync(exec(&["sh", "-c", "id -u; id -G"]))
+        .await?
+        .into_inner();
+    let ids = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(ids.starts_with("1000\n"), "{ids}");
+    assert!(ids.contains(" 1234") && ids.contains(" 5678"), "{ids}");
+    // A timed-out command is killed, not left running in the container.
+    let timed_out = rt
+        .exec_sync(cri::ExecSyncRequest {
+            timeout: 1,
+            ..exec(&["sleep", "31"])
+        })
+        .await
+        .expect_err("sleep 31 outlived a 1 s timeout");
+    assert_eq!(timed_out.code(), tonic::Code::DeadlineExceeded);
+    // Not even as a zombie: only the container's own `sleep 1000` is left.
+    let out = rt
+        .exec_sync(exec(&["ps", "-o", "comm"]))
+        .await?
+        .into_inner();
+    let ps = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        ps.lines().filter(|l| l.trim() == "sleep").count(),
+        1,
+        "{ps}"
+    );
 
     let listed = rt
         .list_containers(cri::ListContainersRequest {

@@ -3,9 +3,11 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::ImageService as CriImageService;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use crate::image::registry::{AuthConfig, RegistryError};
@@ -58,6 +60,28 @@ fn to_cri(image: Image) -> cri::Image {
         spec: None,
         pinned: false,
     }
+}
+
+/// How long the client will wait (its `grpc-timeout`), a millisecond
+/// short: tonic's own timer answers a passed deadline with CANCELLED,
+/// where a gRPC server should say DEADLINE_EXCEEDED (as containerd does and
+/// critest checks), so ours must fire first.
+fn client_deadline(metadata: &MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let unit_at = value.len().checked_sub(1)?;
+    let (amount, unit) = value.split_at(unit_at);
+    // At most 8 digits, as the gRPC spec says.
+    let amount: u64 = amount.parse().ok().filter(|_| amount.len() <= 8)?;
+    let timeout = match unit {
+        "H" => Duration::from_secs(amount * 3600),
+        "M" => Duration::from_secs(amount * 60),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    };
+    Some(timeout.saturating_sub(Duration::from_millis(1)))
 }
 
 fn image_name(spec: Option<&cri::ImageSpec>) -> Result<&str, Status> {
@@ -119,6 +143,7 @@ impl CriImageService for Images {
         &self,
         request: Request<cri::PullImageRequest>,
     ) -> Result<Response<cri::PullImageResponse>, Status> {
+        let deadline = client_deadline(request.metadata());
         let request = request.into_inner();
         let name = image_name(request.image.as_ref())?.to_owned();
         let auth = request.auth.map(|a| AuthConfig {
@@ -129,11 +154,14 @@ impl CriImageService for Images {
             identity_token: a.identity_token,
             registry_token: a.registry_token,
         });
-        let image_ref = self
-            .service
-            .pull_image(&name, auth.as_ref())
-            .await
-            .map_err(status_of)?;
+        let pull = self.service.pull_image(&name, auth.as_ref());
+        let pulled = match deadline {
+            Some(limit) => tokio::time::timeout(limit, pull).await.map_err(|_| {
+                Status::deadline_exceeded(format!("pull {name}: the client's deadline passed"))
+            })?,
+            None => pull.await,
+        };
+        let image_ref = pulled.map_err(status_of)?;
         tracing::info!(image = %name, %image_ref, "pulled image");
         Ok(Response::new(cri::PullImageResponse { image_ref }))
     }
@@ -181,5 +209,30 @@ impl CriImageService for Images {
             image_filesystems,
             container_filesystems: Vec::new(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn deadline(value: &str) -> Option<Duration> {
+        let mut metadata = MetadataMap::new();
+        metadata.insert("grpc-timeout", value.parse().unwrap());
+        client_deadline(&metadata)
+    }
+
+    #[test]
+    fn client_deadline_is_a_millisecond_short() {
+        assert_eq!(deadline("1m"), Some(Duration::ZERO));
+        assert_eq!(deadline("2S"), Some(Duration::from_millis(1999)));
+        assert_eq!(deadline("5M"), Some(Duration::from_millis(299_999)));
+        assert_eq!(deadline("999000u"), Some(Duration::from_millis(998)));
+        assert_eq!(client_deadline(&MetadataMap::new()), None);
+        for bad in ["", "m", "12", "1x", "123456789S", "-1S"] {
+            assert_eq!(deadline(bad), None, "{bad:?}");
+        }
     }
 }

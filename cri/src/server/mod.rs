@@ -5,6 +5,7 @@
 //! folds in whatever exited meanwhile.
 
 pub mod config;
+pub mod exec_process;
 pub mod images;
 pub mod records;
 pub mod rootfs;

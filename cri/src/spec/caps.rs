@@ -40,13 +40,18 @@ pub struct CapabilitySets {
     pub ambient: Vec<String>,
 }
 
-/// Every capability this kernel knows (`last_cap` from
-/// /proc/sys/kernel/cap_last_cap); naming one the kernel lacks makes
-/// runtimes fail.
-pub fn all_capabilities(last_cap: u32) -> Vec<String> {
-    let all = all_names();
-    let count = usize::try_from(last_cap).map_or(all.len(), |n| n.saturating_add(1));
-    all.into_iter().take(count).collect()
+/// The capabilities in `available`, a mask by capability number: those
+/// in this process's bounding set. A container cannot be given one outside
+/// it (the kernel refuses, and the runtime fails), and one the kernel does
+/// not know is never in it. containerd grants privileged containers the
+/// same way (`WithAllCurrentCapabilities`).
+pub fn all_capabilities(available: u64) -> Vec<String> {
+    let mut all: Vec<caps::Capability> = caps::all()
+        .into_iter()
+        .filter(|c| c.index() < 64 && available & (1 << c.index()) != 0)
+        .collect();
+    all.sort_by_key(caps::Capability::index);
+    all.iter().map(ToString::to_string).collect()
 }
 
 /// Applies containerd's rules: start from the defaults (or everything when
@@ -55,9 +60,9 @@ pub fn all_capabilities(last_cap: u32) -> Vec<String> {
 pub fn capability_sets(
     caps: Option<&Capability>,
     privileged: bool,
-    last_cap: u32,
+    available: u64,
 ) -> Result<CapabilitySets, SpecError> {
-    let all = all_capabilities(last_cap);
+    let all = all_capabilities(available);
     if privileged {
         return Ok(CapabilitySets {
             granted: all,
@@ -147,8 +152,11 @@ mod tests {
         }
     }
 
+    /// Capabilities 0..=40, as on a kernel that knows CAP_CHECKPOINT_RESTORE.
+    const ALL_41: u64 = (1 << 41) - 1;
+
     fn granted(c: Option<&Capability>) -> Vec<String> {
-        capability_sets(c, false, 40).unwrap().granted
+        capability_sets(c, false, ALL_41).unwrap().granted
     }
 
     #[test]
@@ -189,9 +197,21 @@ mod tests {
 
     #[test]
     fn privileged_gets_what_the_kernel_knows() {
-        let sets = capability_sets(Some(&caps(&[], &["ALL"])), true, 37).unwrap();
+        let sets = capability_sets(Some(&caps(&[], &["ALL"])), true, (1 << 38) - 1).unwrap();
         assert_eq!(sets.granted.len(), 38);
         assert_eq!(sets.granted.last().unwrap(), "CAP_AUDIT_READ");
+    }
+
+    #[test]
+    fn all_is_bounded_by_our_own_bounding_set() {
+        // Root here runs without CAP_SYS_RESOURCE (24): asking the kernel
+        // for it fails the container, so neither ALL nor privileged has it.
+        let bounding = ALL_41 & !(1 << 24);
+        let sets = capability_sets(None, true, bounding).unwrap();
+        assert_eq!(sets.granted.len(), 40);
+        assert!(!sets.granted.contains(&"CAP_SYS_RESOURCE".to_owned()));
+        let added = capability_sets(Some(&caps(&["ALL"], &[])), false, bounding).unwrap();
+        assert_eq!(added.granted, sets.granted);
     }
 
     #[test]

@@ -8,8 +8,9 @@ use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC};
 use super::Host;
 
 const CAP_SYS_RESOURCE: u32 = 24;
-/// Highest capability known when this was written (CAP_CHECKPOINT_RESTORE).
-const FALLBACK_LAST_CAP: u32 = 40;
+/// Capabilities 0..=40 (up to CAP_CHECKPOINT_RESTORE), when CapBnd is
+/// unreadable.
+const FALLBACK_BOUNDING: u64 = (1 << 41) - 1;
 
 impl Host {
     /// Reads this node's facts. Never fails: an unreadable fact falls back
@@ -29,6 +30,7 @@ impl Host {
         } else {
             Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists()
         };
+        let status = read("/proc/self/status");
         Host {
             hostname: nix::unistd::gethostname()
                 .map(|h| h.to_string_lossy().into_owned())
@@ -36,14 +38,8 @@ impl Host {
             cgroup_v2,
             systemd_cgroup,
             swap_limit,
-            min_oom_score_adj: min_oom_score_adj(
-                &read("/proc/self/status"),
-                &read("/proc/self/oom_score_adj"),
-            ),
-            last_cap: read("/proc/sys/kernel/cap_last_cap")
-                .trim()
-                .parse()
-                .unwrap_or(FALLBACK_LAST_CAP),
+            min_oom_score_adj: min_oom_score_adj(&status, &read("/proc/self/oom_score_adj")),
+            bounding_caps: cap_mask(&status, "CapBnd:").unwrap_or(FALLBACK_BOUNDING),
             seccomp_profile_root,
         }
     }
@@ -52,16 +48,20 @@ impl Host {
 /// -1000 with CAP_SYS_RESOURCE; otherwise the kernel refuses to go below
 /// our own value, so that is the floor.
 fn min_oom_score_adj(status: &str, own_adj: &str) -> i32 {
-    let cap_eff = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
+    let cap_eff = cap_mask(status, "CapEff:").unwrap_or(0);
     if cap_eff & (1 << CAP_SYS_RESOURCE) != 0 {
         -1000
     } else {
         own_adj.trim().parse().unwrap_or(1000)
     }
+}
+
+/// A capability mask line (`CapEff:`, `CapBnd:`) of /proc/self/status.
+fn cap_mask(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
 }
 
 /// The "0::/path" line of /proc/self/cgroup.
@@ -85,6 +85,13 @@ mod tests {
     }
 
     #[test]
+    fn bounding_set_from_status() {
+        let status = "CapEff:\t0000000000000000\nCapBnd:\t000001fffeffffff\n";
+        assert_eq!(cap_mask(status, "CapBnd:"), Some(0x1ff_feff_ffff));
+        assert_eq!(cap_mask("Name:\tx\n", "CapBnd:"), None);
+    }
+
+    #[test]
     fn own_cgroup_from_proc() {
         let text = "12:memory:/x\n0::/system.slice/bosun.service\n";
         assert_eq!(own_cgroup_v2(text), Some("/system.slice/bosun.service"));
@@ -94,7 +101,12 @@ mod tests {
     #[test]
     fn detect_reads_this_machine() {
         let host = Host::detect(false, PathBuf::from("/var/lib/kubelet/seccomp"));
-        assert!(host.last_cap >= 36, "{}", host.last_cap);
+        // CAP_CHOWN..CAP_AUDIT_READ at least, on any kernel we run on.
+        assert!(
+            host.bounding_caps.count_ones() >= 30,
+            "{:x}",
+            host.bounding_caps
+        );
         assert!((-1000..=1000).contains(&host.min_oom_score_adj));
     }
 }

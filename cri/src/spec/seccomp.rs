@@ -524,9 +524,11 @@ fn arg0(value: u64, op: LinuxSeccompOperator) -> Result<LinuxSeccompArg, SpecErr
         .build()?)
 }
 
-/// Where a Localhost profile lives: `reference` relative to `root`, or an
-/// absolute path inside `root` (the kubelet sends absolute paths under its
-/// seccomp root). `..` is refused, so no reference can leave `root`.
+/// Where a Localhost profile lives: an absolute path as given (the kubelet
+/// resolves `localhost/<name>` under its seccomp root and sends the full
+/// path; containerd and CRI-O take any absolute path, and critest keeps its
+/// profiles in a temp dir), or a relative one under `root`. `..` is refused
+/// either way, so a relative reference cannot leave `root`.
 pub(super) fn localhost_profile_path(root: &Path, reference: &str) -> Result<PathBuf, SpecError> {
     let invalid = |reason: &str| SpecError::Invalid {
         field: "seccomp localhost profile",
@@ -540,20 +542,10 @@ pub(super) fn localhost_profile_path(root: &Path, reference: &str) -> Result<Pat
     if path.components().any(|c| c == Component::ParentDir) {
         return Err(invalid("\"..\" is not allowed"));
     }
-    let relative = if path.is_absolute() {
-        path.strip_prefix(root).map_err(|_| {
-            invalid(&format!(
-                "absolute path outside the seccomp profile root {}",
-                root.display()
-            ))
-        })?
-    } else {
-        path
-    };
-    if relative.as_os_str().is_empty() {
-        return Err(invalid("names the profile root itself"));
+    if path.is_absolute() {
+        return Ok(path.to_owned());
     }
-    Ok(root.join(relative))
+    Ok(root.join(path))
 }
 
 /// Reads a Localhost profile: OCI `LinuxSeccomp` JSON, or the Docker/moby
@@ -666,7 +658,7 @@ mod tests {
     }
 
     #[test]
-    fn localhost_paths_stay_under_the_root() {
+    fn localhost_paths_absolute_or_under_the_root() {
         let root = Path::new("/var/lib/kubelet/seccomp");
         assert_eq!(
             localhost_profile_path(root, "profiles/audit.json").unwrap(),
@@ -676,13 +668,15 @@ mod tests {
             localhost_profile_path(root, "/var/lib/kubelet/seccomp/a.json").unwrap(),
             root.join("a.json")
         );
+        assert_eq!(
+            localhost_profile_path(root, "/tmp/seccomp-tests1/block-chmod.json").unwrap(),
+            Path::new("/tmp/seccomp-tests1/block-chmod.json")
+        );
         for bad in [
             "../etc/shadow",
             "a/../../x",
-            "/etc/passwd",
             "/var/lib/kubelet/seccomp/../x",
             "",
-            "/var/lib/kubelet/seccomp",
         ] {
             let err = localhost_profile_path(root, bad).unwrap_err().to_string();
             assert!(err.contains("seccomp localhost profile"), "{bad}: {err}");

@@ -68,7 +68,7 @@ impl Fixture {
                 systemd_cgroup: false,
                 swap_limit: true,
                 min_oom_score_adj: -500,
-                last_cap: 40,
+                bounding_caps: (1 << 41) - 1,
                 seccomp_profile_root: PathBuf::from("/var/lib/kubelet/seccomp"),
             },
         }
@@ -484,6 +484,23 @@ fn cri_mounts_with_propagation() {
         let err = f.err(&c);
         assert!(err.contains(field), "{field}: {err}");
     }
+
+    // An image volume has no host path; it is unsupported, not invalid.
+    let mut c = container();
+    c.mounts = vec![CriMount {
+        image: Some(k8s_cri::v1::ImageSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        }),
+        ..m("/mnt/image", "", MountPropagation::PropagationPrivate)
+    }];
+    assert!(matches!(
+        f.build(&c),
+        Err(SpecError::Unsupported {
+            field: "mounts.image",
+            ..
+        })
+    ));
 }
 
 #[test]
@@ -589,7 +606,8 @@ fn capabilities_privileged_and_nnp() {
     assert_eq!(strings(&caps["bounding"]).len(), 14);
     assert_eq!(strings(&caps["effective"]).len(), 14);
     assert!(strings(&caps["ambient"]).is_empty());
-    assert_eq!(spec["process"]["noNewPrivileges"], false);
+    // Off is absent (libcontainer mistakes an explicit false for "set").
+    assert!(spec["process"].get("noNewPrivileges").is_none());
     assert!(
         spec["linux"].get("maskedPaths").is_none()
             || strings(&spec["linux"]["maskedPaths"]).is_empty()

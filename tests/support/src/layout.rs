@@ -81,17 +81,39 @@ struct ImageConfig<'a> {
     created: &'a str,
     architecture: &'a str,
     os: &'a str,
-    config: RunConfig<'a>,
+    config: &'a RunConfig,
     rootfs: RootFs<'a>,
     history: Vec<History<'a>>,
 }
 
-#[derive(Debug, Serialize)]
+/// The runtime part of an image config (`config.config`): what a container
+/// made from the image runs, and as whom. [`RunConfig::default`] is the
+/// busybox image's: `sh` as root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "PascalCase")]
-struct RunConfig<'a> {
-    user: &'a str,
-    env: Vec<&'a str>,
-    cmd: Vec<&'a str>,
+pub struct RunConfig {
+    pub user: String,
+    pub env: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub entrypoint: Vec<String>,
+    pub cmd: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub stop_signal: String,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            user: String::new(),
+            env: vec![PATH_ENV.to_owned()],
+            entrypoint: Vec::new(),
+            cmd: vec!["sh".to_owned()],
+            working_dir: String::new(),
+            stop_signal: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -113,6 +135,16 @@ struct History<'a> {
 /// An existing layout at `dir` is kept: its other tags stay, an entry with
 /// the same tag is replaced.
 pub fn write(dir: &Path, reference: &str, rootfs: &Path) -> Result<ImageInfo, Error> {
+    write_with(dir, reference, rootfs, &RunConfig::default())
+}
+
+/// Like [`write`], with `run` as the image's runtime config.
+pub fn write_with(
+    dir: &Path,
+    reference: &str,
+    rootfs: &Path,
+    run: &RunConfig,
+) -> Result<ImageInfo, Error> {
     let tag = tag_of(reference)?;
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).map_err(Error::io("create directory", &blobs))?;
@@ -127,11 +159,7 @@ pub fn write(dir: &Path, reference: &str, rootfs: &Path) -> Result<ImageInfo, Er
         created: EPOCH,
         architecture: oci_arch(),
         os: "linux",
-        config: RunConfig {
-            user: "",
-            env: vec![PATH_ENV],
-            cmd: vec!["sh"],
-        },
+        config: run,
         rootfs: RootFs {
             kind: "layers",
             diff_ids: &diff_ids,
@@ -489,6 +517,32 @@ mod tests {
             seen.push(entry.path().unwrap().display().to_string());
         }
         assert_eq!(seen, ["a.txt", "b", "b/c", "b/c/deep", "link", "z.txt"]);
+    }
+
+    #[test]
+    fn run_config_is_written() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        sample_tree(&root, false);
+        let run = RunConfig {
+            user: "www-data:1004".to_owned(),
+            entrypoint: vec!["/bin/sleep".to_owned(), "infinity".to_owned()],
+            cmd: Vec::new(),
+            working_dir: "/srv".to_owned(),
+            ..RunConfig::default()
+        };
+        let info = write_with(&tmp.path().join("l"), "x:1", &root, &run).unwrap();
+        let hex = info.config_digest.strip_prefix("sha256:").unwrap();
+        let config: serde_json::Value =
+            serde_json::from_slice(&fs::read(tmp.path().join("l/blobs/sha256").join(hex)).unwrap())
+                .unwrap();
+        assert_eq!(config["config"]["User"], "www-data:1004");
+        assert_eq!(
+            config["config"]["Entrypoint"],
+            serde_json::json!(["/bin/sleep", "infinity"])
+        );
+        assert_eq!(config["config"]["WorkingDir"], "/srv");
+        assert!(config["config"].get("StopSignal").is_none());
     }
 
     #[test]

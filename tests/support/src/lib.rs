@@ -6,6 +6,7 @@
 //! Used by the runtime, cri and cni tests and by the `bosun-testimage` binary.
 
 pub mod bundle;
+pub mod critest;
 mod error;
 pub mod host;
 pub mod layout;
