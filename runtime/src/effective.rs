@@ -8,6 +8,9 @@
 //! - `linux.rootfsPropagation` "rshared"/"rslave"/"rprivate"/"runbindable":
 //!   libcontainer rejects them; its plain forms are already recursive.
 //!   containerd's CRI sets "rslave" for HostToContainer volumes.
+//! - `process.noNewPrivileges: false`: libcontainer reads an explicit false
+//!   as set and loads seccomp only after dropping capabilities, which then
+//!   fails; absent means the same to runc and works.
 //!
 //! `state` and `list` report the user's bundle, recorded beside the copy.
 
@@ -20,10 +23,16 @@ const ORIGIN: &str = "origin";
 
 /// Adjusts `spec` as described above; returns whether anything changed.
 pub fn normalize(spec: &mut Spec, id: &str, systemd: bool) -> bool {
-    let Some(linux) = spec.linux_mut() else {
-        return false;
-    };
     let mut changed = false;
+    if let Some(process) = spec.process_mut() {
+        if process.no_new_privileges() == Some(false) {
+            process.set_no_new_privileges(None);
+            changed = true;
+        }
+    }
+    let Some(linux) = spec.linux_mut() else {
+        return changed;
+    };
     if linux.cgroups_path().is_none() {
         let path = if systemd {
             format!("system.slice:bosun:{id}")
@@ -105,6 +114,18 @@ mod tests {
         normalize(&mut s, "c1", true);
         let path = s.linux().as_ref().and_then(|l| l.cgroups_path().clone());
         assert_eq!(path, Some(PathBuf::from("system.slice:bosun:c1")));
+    }
+
+    #[test]
+    fn explicit_no_new_privileges_false_dropped() {
+        let mut s: Spec = serde_json::from_value(serde_json::json!({"ociVersion": "1.0.2",
+            "process": {"cwd": "/", "user": {"uid": 0, "gid": 0}, "noNewPrivileges": false},
+            "linux": {"cgroupsPath": "/x"}}))
+        .unwrap_or_default();
+        assert!(normalize(&mut s, "c1", false));
+        let nnp = s.process().as_ref().and_then(|p| p.no_new_privileges());
+        assert_eq!(nnp, None);
+        assert!(!normalize(&mut s, "c1", false));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod commands;
 pub mod effective;
 pub mod error;
 pub mod exe_guard;
+pub mod exec_seccomp;
 pub mod features;
 pub mod logging;
 pub mod poststart;

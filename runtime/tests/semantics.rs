@@ -556,6 +556,68 @@ fn seccomp_denies_listed_syscalls_only() {
     );
 }
 
+/// An exec'd process is under the container's filter too (libcontainer
+/// alone would leave it unfiltered), with the container's user, capability
+/// sets and no_new_privs — none of the setup capabilities left over.
+#[test]
+fn exec_runs_under_the_containers_seccomp_filter_user_and_caps() {
+    let Some(t) = Test::new("execsec") else {
+        return;
+    };
+    let mut b = t.bundle(&["sleep", "1000"]);
+    add_tmp(&mut b);
+    set_caps(&mut b, DEFAULT_CAPS);
+    b.config["process"]["user"] = json!({"uid": 1000, "gid": 1000});
+    b.config["process"]["noNewPrivileges"] = json!(false);
+    b.config["linux"]["seccomp"] = json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32"],
+        "syscalls": [{ "names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO" }],
+    });
+    t.create(&b);
+    t.rt(&["start", &t.id]).ok();
+    let mask = cap_mask(DEFAULT_CAPS);
+    let script = "grep -E '^(Seccomp|NoNewPrivs|Cap(Eff|Prm|Bnd|Amb)):' /proc/self/status; id -u";
+    let want = "NoNewPrivs:\t0\nSeccomp:\t2\n1000\n";
+    for tty in [false, true] {
+        let options: &[&str] = if tty { &["-t"] } else { &[] };
+        let out = t.exec_with(options, &["sh", "-c", script]).ok();
+        let got: String = out.stdout.replace('\r', "");
+        let caps: Vec<&str> = got.lines().filter(|l| l.starts_with("Cap")).collect();
+        assert_eq!(
+            caps,
+            [
+                "CapPrm:\t0000000000000000".to_owned(),
+                "CapEff:\t0000000000000000".to_owned(),
+                format!("CapBnd:\t{mask}"),
+                "CapAmb:\t0000000000000000".to_owned(),
+            ],
+            "tty {tty}: {out}"
+        );
+        let rest: String = got
+            .lines()
+            .filter(|l| !l.starts_with("Cap"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        assert_eq!(rest, want, "tty {tty}: {out}");
+    }
+    let out = t.exec(&["mkdir", "/tmp/d"]);
+    assert_ne!(out.code(), 0, "{out}");
+    assert!(out.stderr.contains("Operation not permitted"), "{out}");
+    // As root with the container's capabilities, still filtered.
+    let out = t
+        .exec_with(
+            &["--user", "0:0"],
+            &["sh", "-c", "grep -E '^(Seccomp|CapEff):' /proc/self/status"],
+        )
+        .ok();
+    assert_eq!(
+        out.stdout,
+        format!("CapEff:\t{mask}\nSeccomp:\t2\n"),
+        "{out}"
+    );
+}
+
 /// Without CAP_CHOWN chown fails; with it, it works. CapEff/CapBnd are
 /// exactly the configured sets.
 #[test]

@@ -11,6 +11,7 @@ use serde_json::{json, Value};
 use super::lifecycle::{forward_until_exit, private_dir, set_subreaper};
 use super::Ctx;
 use crate::cli::ExecArgs;
+use crate::exec_seccomp::{cap_names, ExecFilter};
 use crate::tty::ConsoleSocket;
 use crate::Error;
 
@@ -26,12 +27,14 @@ pub fn parse_user(s: &str) -> Result<(u32, Option<u32>), Error> {
     Ok((uid, gid))
 }
 
-/// libcontainer takes `terminal` only from a process file, so `exec -t` with a
-/// command line is turned into one, built from the container's own process
-/// (env, cwd, capabilities) with the flags applied over it.
-fn tty_process(spec_process: &Value, a: &ExecArgs) -> Result<Value, Error> {
+/// An exec with a command line is turned into a process file, as runc builds
+/// it: the container's own process (user, env, cwd, capabilities,
+/// no_new_privs) with the flags applied over it. libcontainer's own
+/// command-line path would run it as root with no_new_privs, and it takes
+/// `terminal` only from a file.
+fn flag_process(spec_process: &Value, a: &ExecArgs) -> Result<Value, Error> {
     let mut p = spec_process.clone();
-    p["terminal"] = json!(true);
+    p["terminal"] = json!(a.tty);
     p["args"] = json!(a.command);
     if let Some(cwd) = &a.cwd {
         p["cwd"] = json!(cwd);
@@ -55,6 +58,12 @@ fn tty_process(spec_process: &Value, a: &ExecArgs) -> Result<Value, Error> {
     }
     if a.no_new_privs {
         p["noNewPrivileges"] = json!(true);
+    }
+    if let Some(profile) = &a.apparmor {
+        p["apparmorProfile"] = json!(profile);
+    }
+    if let Some(label) = &a.process_label {
+        p["selinuxLabel"] = json!(label);
     }
     if !a.cap.is_empty() {
         for set in ["bounding", "effective", "permitted"] {
@@ -91,24 +100,47 @@ pub fn exec(ctx: &Ctx, a: &ExecArgs) -> Result<i32, Error> {
             "exec: no command given (args or --process)".into(),
         ));
     }
-    // Only a tty needs scratch files (process.json, our console socket).
-    let tmp = if a.tty { Some(private_dir()?) } else { None };
-    let mut process = a.process.clone();
-    if let (Some(tmp), None) = (&tmp, &process) {
-        let spec: Value = std::fs::read_to_string(c.bundle().join("config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or(Value::Null);
-        let p = tty_process(&spec["process"], a)?;
-        let path: PathBuf = tmp.path().join("process.json");
-        std::fs::write(&path, p.to_string()).map_err(|e| Error::io("writing", &path, e))?;
-        process = Some(path);
-    }
-    let console = match &tmp {
-        Some(tmp) if a.console_socket.is_none() && !a.detach => {
-            Some(ConsoleSocket::bind(tmp.path())?)
+    let config = c.bundle().join("config.json");
+    let spec: Value = std::fs::read_to_string(&config)
+        .map_err(|e| Error::io("reading", &config, e))
+        .and_then(|t| {
+            serde_json::from_str(&t)
+                .map_err(|e| Error::Invalid(format!("{}: {e}", config.display())))
+        })?;
+    // The process as it will run: from --process, or the container's own
+    // with the flags over it.
+    let mut process = match &a.process {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| Error::io("reading", path, e))
+            .and_then(|t| {
+                serde_json::from_str::<Value>(&t)
+                    .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))
+            })?,
+        None => flag_process(&spec["process"], a)?,
+    };
+    let filter = ExecFilter::plan(
+        &spec,
+        &cap_names(&process, "effective"),
+        process["noNewPrivileges"] == true || a.no_new_privs,
+    );
+    let granting = filter.as_ref().is_some_and(|f| !f.setup_caps.is_empty());
+    let tmp = private_dir()?;
+    let process_file = match (&a.process, &filter) {
+        (Some(path), _) if !granting => path.clone(),
+        _ => {
+            if let Some(filter) = &filter {
+                filter.grant(&mut process);
+            }
+            let path: PathBuf = tmp.path().join("process.json");
+            std::fs::write(&path, process.to_string())
+                .map_err(|e| Error::io("writing", &path, e))?;
+            path
         }
-        _ => None,
+    };
+    let console = if a.tty && a.console_socket.is_none() && !a.detach {
+        Some(ConsoleSocket::bind(tmp.path())?)
+    } else {
+        None
     };
     let console_path = console
         .as_ref()
@@ -122,14 +154,11 @@ pub fn exec(ctx: &Ctx, a: &ExecArgs) -> Result<i32, Error> {
             source,
         })?;
     }
-    let (user, group) = match (&a.user, &process) {
-        (Some(u), None) => {
-            let (u, g) = parse_user(u)?;
-            (Some(u), g)
-        }
-        _ => (None, None),
-    };
-    let pid = ContainerBuilder::new(a.id.clone(), SyscallType::default())
+    let mut builder = ContainerBuilder::new(a.id.clone(), SyscallType::default());
+    if let Some(filter) = filter {
+        builder = builder.with_executor(filter);
+    }
+    let pid = builder
         .with_root_path(&ctx.root)
         .and_then(|b| b.with_pid_file(a.pid_file.as_ref()))
         .map(|b| {
@@ -141,21 +170,7 @@ pub fn exec(ctx: &Ctx, a: &ExecArgs) -> Result<i32, Error> {
             b.as_tenant()
                 // As in `run`: `detach` only gates the console socket check.
                 .with_detach(a.detach || console_path.is_some())
-                .with_cwd(a.cwd.as_ref())
-                .with_env(
-                    a.env
-                        .iter()
-                        .filter_map(|kv| kv.split_once('='))
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                )
-                .with_process(process.as_ref())
-                .with_no_new_privs(a.no_new_privs)
-                .with_container_args(a.command.clone())
-                .with_additional_gids(a.additional_gids.clone())
-                .with_user(user)
-                .with_group(group)
-                .with_capabilities(a.cap.clone())
+                .with_process(Some(&process_file))
                 .with_ignore_paused(a.ignore_paused)
                 .with_sub_cgroup(a.cgroup.clone())
                 .with_process_label(a.process_label.clone())
@@ -193,7 +208,7 @@ mod tests {
     }
 
     #[test]
-    fn tty_process_applies_flags() {
+    fn flag_process_applies_flags() {
         let cli = crate::cli::Cli::try_parse_from([
             "r",
             "exec",
@@ -216,7 +231,7 @@ mod tests {
         };
         let base = json!({"env": ["PATH=/bin", "A=1"], "cwd": "/", "user": {"uid": 0, "gid": 0},
                           "capabilities": {"bounding": ["CAP_KILL"]}});
-        let p = tty_process(&base, &a).unwrap_or_default();
+        let p = flag_process(&base, &a).unwrap_or_default();
         assert_eq!(p["terminal"], true);
         assert_eq!(p["args"], json!(["sh"]));
         assert_eq!(p["env"], json!(["PATH=/bin", "A=2"]));
