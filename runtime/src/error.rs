@@ -30,8 +30,8 @@ pub enum Error {
     Tty(#[from] crate::tty::TtyError),
     #[error(transparent)]
     Propagation(#[from] crate::propagation::PropagationError),
-    #[error(transparent)]
-    Poststart(#[from] crate::poststart::PoststartError),
+    #[error("starting container {id}: {msg}")]
+    StartFailed { id: String, msg: String },
     #[error("{op} container {id}: {}", runc_wording(&chain(source.as_ref())))]
     Libcontainer {
         op: &'static str,

@@ -16,6 +16,7 @@ pub mod poststart;
 pub mod propagation;
 pub mod resources;
 pub mod spec;
+pub mod start_hooks;
 pub mod state;
 pub mod stats;
 pub mod tty;

@@ -118,6 +118,7 @@ fn hooks_run_in_spec_order_with_args_env_and_state() {
         "poststart": [hook("poststart", host)],
         "poststop": [hook("poststop", host)],
     });
+    b.config["annotations"] = json!({ "org.bosun.test": "hooks" });
     let bundle_dir = b.dir().to_str().unwrap().to_owned();
     let order = || fs::read_to_string(log.join("order")).unwrap_or_default();
     let mut wrong: Vec<String> = Vec::new();
@@ -184,20 +185,24 @@ fn hooks_run_in_spec_order_with_args_env_and_state() {
         format!("after start, want startContainer then poststart:\n{after_start}"),
         &mut wrong,
     );
+    // startContainer runs in the container's namespaces: status "created",
+    // and the pid as the container sees it (1 in its own pid namespace).
     let s = state_of("startContainer", &mut wrong);
     check(
-        s["id"] == t.id.as_str(),
-        format!("startContainer: id: {s}"),
+        s["id"] == t.id.as_str()
+            && s["bundle"] == bundle_dir.as_str()
+            && s["ociVersion"].is_string(),
+        format!("startContainer: id/bundle/ociVersion: {s}"),
         &mut wrong,
     );
-    // Known gap (README, "Known differences"): libcontainer 0.7 runs
-    // startContainer hooks inside its init process with the state snapshot
-    // taken at clone time ("creating", no pid), where the spec wants
-    // "created" with the pid. Only a libcontainer change can fix it; the
-    // order, arguments, environment and id above are checked.
     check(
-        s["status"] == "created" || s["status"] == "creating",
-        format!("startContainer: status: {s}"),
+        s["annotations"]["org.bosun.test"] == "hooks",
+        format!("startContainer: annotations: {s}"),
+        &mut wrong,
+    );
+    check(
+        s["status"] == "created" && s["pid"] == 1,
+        format!("startContainer: status/pid: {s}"),
         &mut wrong,
     );
     let s = state_of("poststart", &mut wrong);
@@ -272,6 +277,31 @@ fn failing_or_hung_create_hook_fails_create() {
             t.leftover_cgroups()
         );
     }
+}
+
+/// A failing startContainer hook stops the container before its process
+/// runs, and `start` reports it (runc 1.1 exits 0 there, printing the error
+/// on the container's stderr; the runtime spec says the runtime MUST
+/// generate an error).
+#[test]
+fn failing_start_container_hook_fails_start() {
+    let Some(t) = Test::new("starthookfail") else {
+        return;
+    };
+    let log = t.host_dir("ran");
+    let mut b = t.bundle(&["sh", "-c", "echo ran > /ran/ran"]);
+    add_bind(&mut b, &log, "/ran", &["rbind", "rw"]);
+    b.config["hooks"] = json!({ "startContainer": [
+        { "path": "/bin/sh", "args": ["sh", "-c", "exit 3"] },
+    ] });
+    t.create(&b);
+    let out = t.rt(&["start", &t.id]);
+    if std::env::var_os(harness::RUNTIME_ENV).is_none() {
+        assert_ne!(out.code(), 0, "{out}");
+        assert!(out.stderr.contains("startContainer hook"), "{out}");
+    }
+    t.wait_status("stopped", POLL_TIMEOUT);
+    assert!(!log.join("ran").exists(), "the process ran: {out}");
 }
 
 // ----------------------------------------------------------- namespaces --

@@ -11,6 +11,7 @@ use nix::unistd::Pid;
 use super::{absolute, observe, status_name, Ctx};
 use crate::bundle::{self, ProcessLimits};
 use crate::cli::{CreateArgs, DeleteArgs, KillArgs, RunArgs};
+use crate::start_hooks::{self, StartHooks};
 use crate::state::ContainerState;
 use crate::tty::ConsoleSocket;
 use crate::Error;
@@ -51,7 +52,9 @@ fn build(
         join_session_keyring(&a.id)?;
     }
     let console_socket = console_socket.or(a.console_socket.as_deref());
+    let hooks = StartHooks::new(&a.id, &bundle, a.preserve_fds);
     let built = ContainerBuilder::new(a.id.clone(), SyscallType::default())
+        .with_executor(hooks)
         .with_root_path(&ctx.root)
         .and_then(|b| b.with_pid_file(a.pid_file.as_ref()))
         .map(|b| {
@@ -79,10 +82,7 @@ fn build(
         Some(pid) => propagation::apply(pid.as_raw(), &fixes),
         None => Ok(()),
     };
-    let moved = applied
-        .map_err(Error::from)
-        .and_then(|()| poststart::take(&c.root).map_err(Error::from));
-    if let Err(e) = moved {
+    if let Err(e) = applied.map_err(Error::from) {
         let _ = c.delete(true);
         effective::remove(&ctx.root, &a.id);
         return Err(e);
@@ -122,9 +122,9 @@ pub fn create(ctx: &Ctx, a: &CreateArgs) -> Result<i32, Error> {
 }
 
 /// Lets init exec the user process, then runs the poststart hooks.
-fn start_and_poststart(c: &mut Container, id: &str) -> Result<(), Error> {
+fn start_and_poststart(c: &mut Container) -> Result<(), Error> {
     let init_exe = c.pid().and_then(|p| poststart::exe_of(p.as_raw()));
-    c.start().map_err(|e| Error::lib("starting", id, e))?;
+    start_hooks::start(c)?;
     poststart::run(c, init_exe);
     Ok(())
 }
@@ -142,7 +142,7 @@ pub fn start(ctx: &Ctx, id: &str) -> Result<i32, Error> {
             )),
         });
     }
-    start_and_poststart(&mut c, id)?;
+    start_and_poststart(&mut c)?;
     Ok(0)
 }
 
@@ -172,7 +172,7 @@ pub fn run(ctx: &Ctx, a: &RunArgs) -> Result<i32, Error> {
         Some(cs) => Some(cs.receive_master()?),
         None => None,
     };
-    if let Err(e) = start_and_poststart(&mut c, &a.create.id) {
+    if let Err(e) = start_and_poststart(&mut c) {
         let _ = c.delete(true);
         effective::remove(&ctx.root, &a.create.id);
         return Err(e);
