@@ -144,6 +144,21 @@ fn kill_exec_process(pid_file: &Path) {
     }
 }
 
+/// The streams an Exec or Attach asks for, as the kubelet validates them.
+fn check_streams(stdin: bool, stdout: bool, stderr: bool, tty: bool) -> Result<(), Status> {
+    if !(stdin || stdout || stderr) {
+        return Err(Status::invalid_argument(
+            "one of stdin, stdout and stderr must be set",
+        ));
+    }
+    if tty && stderr {
+        return Err(Status::invalid_argument(
+            "tty and stderr cannot both be set (a tty merges them)",
+        ));
+    }
+    Ok(())
+}
+
 fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -395,6 +410,18 @@ impl Runtime {
         }
         self.container(id)
             .ok_or_else(|| Status::not_found(format!("container {id} not found")))
+    }
+
+    /// Like [`Self::known_sandbox`], and it must be ready (not stopped).
+    fn ready_sandbox(&self, id: &str) -> Result<SandboxRecord, Status> {
+        let sandbox = self.known_sandbox(id)?;
+        if !sandbox.ready {
+            return Err(Status::failed_precondition(format!(
+                "pod sandbox {} is not ready",
+                sandbox.id
+            )));
+        }
+        Ok(sandbox)
     }
 
     /// Like [`Self::known_container`], and it must be running.
@@ -863,13 +890,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::CreateContainerRequest>,
     ) -> Result<Response<cri::CreateContainerResponse>, Status> {
         let request = request.into_inner();
-        let sandbox = self.known_sandbox(&request.pod_sandbox_id)?;
-        if !sandbox.ready {
-            return Err(Status::failed_precondition(format!(
-                "pod sandbox {} is not ready",
-                sandbox.id
-            )));
-        }
+        let sandbox = self.ready_sandbox(&request.pod_sandbox_id)?;
         let config = request
             .config
             .ok_or_else(|| Status::invalid_argument("config is required"))?;
@@ -1312,16 +1333,7 @@ impl RuntimeService for Runtime {
         if request.cmd.is_empty() {
             return Err(Status::invalid_argument("cmd is required"));
         }
-        if !(request.stdin || request.stdout || request.stderr) {
-            return Err(Status::invalid_argument(
-                "one of stdin, stdout and stderr must be set",
-            ));
-        }
-        if request.tty && request.stderr {
-            return Err(Status::invalid_argument(
-                "tty and stderr cannot both be set (a tty merges them)",
-            ));
-        }
+        check_streams(request.stdin, request.stdout, request.stderr, request.tty)?;
         let url = self
             .streaming
             .url(Pending::Exec(ExecSpec {
@@ -1344,16 +1356,7 @@ impl RuntimeService for Runtime {
     ) -> Result<Response<cri::AttachResponse>, Status> {
         let request = request.into_inner();
         let record = self.running_container(&request.container_id)?;
-        if !(request.stdin || request.stdout || request.stderr) {
-            return Err(Status::invalid_argument(
-                "one of stdin, stdout and stderr must be set",
-            ));
-        }
-        if request.tty && request.stderr {
-            return Err(Status::invalid_argument(
-                "tty and stderr cannot both be set (a tty merges them)",
-            ));
-        }
+        check_streams(request.stdin, request.stdout, request.stderr, request.tty)?;
         if request.stdin && !record.config.stdin {
             return Err(Status::invalid_argument(format!(
                 "container {} was not created with stdin open; attach without stdin",
@@ -1379,13 +1382,7 @@ impl RuntimeService for Runtime {
         request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
         let request = request.into_inner();
-        let sandbox = self.known_sandbox(&request.pod_sandbox_id)?;
-        if !sandbox.ready {
-            return Err(Status::failed_precondition(format!(
-                "pod sandbox {} is not ready",
-                sandbox.id
-            )));
-        }
+        let sandbox = self.ready_sandbox(&request.pod_sandbox_id)?;
         // Ports come with each forwarded connection; the request's list is
         // advisory (the kubelet leaves it empty).
         let url = self
