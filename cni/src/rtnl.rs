@@ -181,6 +181,61 @@ impl Rtnl {
     }
 }
 
+/// Traffic counters of one link (`IFLA_STATS64`), for container stats.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkCounters {
+    /// Device name.
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errors: u64,
+    pub rx_dropped: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errors: u64,
+    pub tx_dropped: u64,
+}
+
+impl Rtnl {
+    /// The counters of every link in the socket's namespace.
+    pub fn link_counters(&mut self) -> Result<Vec<LinkCounters>, NetError> {
+        let replies = self
+            .request(
+                RouteNetlinkMessage::GetLink(LinkMessage::default()),
+                NLM_F_DUMP,
+            )
+            .map_err(|e| NetError::new("list link counters", e))?;
+        Ok(replies
+            .iter()
+            .filter_map(|reply| match reply {
+                RouteNetlinkMessage::NewLink(message) => Some(counters_from(message)),
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+fn counters_from(message: &LinkMessage) -> LinkCounters {
+    let mut counters = LinkCounters::default();
+    for attribute in &message.attributes {
+        match attribute {
+            LinkAttribute::IfName(name) => counters.name.clone_from(name),
+            LinkAttribute::Stats64(stats) => {
+                counters.rx_bytes = stats.rx_bytes;
+                counters.rx_packets = stats.rx_packets;
+                counters.rx_errors = stats.rx_errors;
+                counters.rx_dropped = stats.rx_dropped;
+                counters.tx_bytes = stats.tx_bytes;
+                counters.tx_packets = stats.tx_packets;
+                counters.tx_errors = stats.tx_errors;
+                counters.tx_dropped = stats.tx_dropped;
+            }
+            _ => {}
+        }
+    }
+    counters
+}
+
 /// One request of a [`Rtnl::batch`].
 struct Batched {
     message: RouteNetlinkMessage,

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, ensure, Context, Result};
 use bosun_testsupport::host;
@@ -232,7 +232,7 @@ fn sorted(ids: &[&String]) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runtime_config_listing_filters_metrics_and_checkpoint() -> Result<()> {
+async fn runtime_config_listing_filters_and_checkpoint() -> Result<()> {
     if !require_root(WHAT) {
         return Ok(());
     }
@@ -429,19 +429,7 @@ async fn runtime_config_listing_filters_metrics_and_checkpoint() -> Result<()> {
             .is_empty()
     );
 
-    // CRI metrics and checkpointing are not offered (as containerd 1.6).
-    refused(
-        rt.list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
-            .await,
-        Code::Unimplemented,
-        &["metrics", "stats"],
-    )?;
-    refused(
-        rt.list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
-            .await,
-        Code::Unimplemented,
-        &["metrics", "stats"],
-    )?;
+    // Checkpointing is not offered (as containerd 1.6).
     refused(
         rt.checkpoint_container(cri::CheckpointContainerRequest {
             container_id: one.clone(),
@@ -485,6 +473,95 @@ impl Drop for CgroupParent {
     }
 }
 
+/// ListMetricDescriptors and ListPodSandboxMetrics agree on every label
+/// set, and the values are the container's: the limits set above, its
+/// memory, processes, writable layer and the pod's eth0.
+async fn check_metrics(rt: &mut Rt, web: &str, app: &str, other: &str) -> Result<()> {
+    let descriptors: HashMap<String, Vec<String>> = rt
+        .list_metric_descriptors(cri::ListMetricDescriptorsRequest {})
+        .await?
+        .into_inner()
+        .descriptors
+        .into_iter()
+        .map(|d| {
+            assert!(!d.help.is_empty(), "{} has no help", d.name);
+            (d.name, d.label_keys)
+        })
+        .collect();
+    assert!(descriptors.len() >= 50, "{descriptors:?}");
+    assert_eq!(
+        descriptors["container_memory_usage_bytes"],
+        ["id", "image", "namespace", "pod", "container"]
+    );
+    let pods = rt
+        .list_pod_sandbox_metrics(cri::ListPodSandboxMetricsRequest {})
+        .await?
+        .into_inner()
+        .pod_metrics;
+    let mut listed: Vec<&str> = pods.iter().map(|p| p.pod_sandbox_id.as_str()).collect();
+    listed.sort();
+    let mut expected = [web, other];
+    expected.sort();
+    assert_eq!(listed, expected);
+    for metric in pods.iter().flat_map(|p| {
+        p.metrics
+            .iter()
+            .chain(p.container_metrics.iter().flat_map(|c| &c.metrics))
+    }) {
+        let keys = descriptors
+            .get(&metric.name)
+            .with_context(|| format!("{} has no descriptor", metric.name))?;
+        assert_eq!(metric.label_values.len(), keys.len(), "{metric:?}");
+    }
+    let pod = pods
+        .iter()
+        .find(|p| p.pod_sandbox_id == web)
+        .context("web pod")?;
+    assert!(
+        pod.metrics
+            .iter()
+            .any(|m| m.name == "container_network_transmit_bytes_total"
+                && m.label_values == [web, "", "default", "web", "POD", "eth0"]),
+        "{:?}",
+        pod.metrics
+    );
+    let [container] = pod.container_metrics.as_slice() else {
+        bail!("expected one container: {:?}", pod.container_metrics);
+    };
+    assert_eq!(container.container_id, app);
+    let value = |name: &str| {
+        container
+            .metrics
+            .iter()
+            .find(|m| m.name == name)
+            .and_then(|m| m.value.as_ref())
+            .map(|v| v.value)
+    };
+    assert_eq!(value("container_spec_memory_limit_bytes"), Some(96 << 20));
+    assert_eq!(value("container_spec_cpu_quota"), Some(50_000));
+    assert_eq!(value("container_spec_cpu_shares"), Some(512));
+    assert!(value("container_memory_working_set_bytes").is_some_and(|v| v > 0));
+    assert!(value("container_processes").is_some_and(|v| v >= 1));
+    assert!(value("container_threads").is_some_and(|v| v >= 1));
+    assert!(value("container_fs_usage_bytes").is_some_and(|v| v >= 512 * 1024));
+    assert!(value("container_fs_limit_bytes").is_some_and(|v| v > 0));
+    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let started = value("container_start_time_seconds").context("no start time")?;
+    assert!(started <= now && now - started < 120, "{started} vs {now}");
+    let usage = container
+        .metrics
+        .iter()
+        .find(|m| m.name == "container_memory_usage_bytes")
+        .context("no memory usage")?;
+    assert_eq!(
+        usage.label_values,
+        [app, IMAGE, "default", "web", "app"],
+        "{usage:?}"
+    );
+    assert_eq!(usage.metric_type, cri::MetricType::Gauge as i32);
+    Ok(())
+}
+
 /// The counters of `line N` output lines in a CRI log file.
 fn logged_lines(path: &Path) -> Vec<u64> {
     fs::read_to_string(path)
@@ -499,7 +576,7 @@ fn consecutive(numbers: &[u64]) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn resources_log_reopening_and_stats() -> Result<()> {
+async fn resources_log_reopening_stats_and_metrics() -> Result<()> {
     if !require_root(WHAT) {
         return Ok(());
     }
@@ -736,6 +813,17 @@ async fn resources_log_reopening_and_stats() -> Result<()> {
         .into_inner()
         .stats;
     assert_eq!(pod_ids(by_id), vec![web.clone()]);
+    let network = linux.network.context("no network pod stats")?;
+    assert_eq!(
+        network.default_interface.map(|i| i.name).as_deref(),
+        Some("eth0"),
+        "{:?}",
+        network.interfaces
+    );
+    let processes = linux.process.and_then(|p| p.process_count).map(|c| c.value);
+    assert!(processes.is_some_and(|n| n >= 1), "{processes:?}");
+
+    check_metrics(&mut rt, &web, &app, &other).await?;
 
     // ReopenContainerLog, as the kubelet rotates: rename, then reopen.
     // Lines before the call are in the renamed file, later ones in a new

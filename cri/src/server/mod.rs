@@ -5,8 +5,10 @@
 //! folds in whatever exited meanwhile.
 
 pub mod config;
+pub mod counters;
 pub mod exec_process;
 pub mod images;
+pub mod metrics;
 pub mod records;
 pub mod rootfs;
 pub mod runtime;

@@ -4,16 +4,14 @@
 //! cgroup v1 (this host: hybrid) and v2 are read; with the systemd driver
 //! (`slice:prefix:name` paths) the slice is resolved as systemd names it.
 
-use std::collections::HashMap;
-use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use k8s_cri::v1 as cri;
 
+use super::counters::{Cgroup, Hierarchy};
+use super::metrics;
 use super::rootfs;
 use super::state::{ContainerRecord, Phase, SandboxRecord};
-
-const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 fn now_ns() -> i64 {
     chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
@@ -25,7 +23,7 @@ fn value(v: u64) -> Option<cri::UInt64Value> {
 
 /// The cgroup path (relative to a hierarchy) from a bundle's config.json;
 /// without one, runc and bosun-runc both use `/<id>`.
-fn cgroup_path(bundle: &Path, id: &str) -> Option<String> {
+pub(super) fn cgroup_path(bundle: &Path, id: &str) -> Option<String> {
     let spec = oci_spec::runtime::Spec::load(bundle.join("config.json")).ok()?;
     match spec.linux().as_ref()?.cgroups_path() {
         Some(path) => Some(systemd_to_path(&path.display().to_string())),
@@ -56,82 +54,23 @@ fn systemd_to_path(path: &str) -> String {
     }
 }
 
-/// Reads `key value` lines (memory.stat, cpu.stat).
-fn keyed(file: &Path) -> HashMap<String, u64> {
-    fs::read_to_string(file)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_owned(), v.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-fn number(file: &Path) -> Option<u64> {
-    fs::read_to_string(file).ok()?.trim().parse().ok()
-}
-
-/// CPU and memory of one cgroup.
+/// CPU and memory of one cgroup, in the CRI's shape.
 fn usage(relative: &str) -> (Option<cri::CpuUsage>, Option<cri::MemoryUsage>) {
-    let root = Path::new(CGROUP_ROOT);
+    let cgroup = Cgroup::new(Hierarchy::host(), relative);
     let timestamp = now_ns();
-    let v2 = root.join("cgroup.controllers").exists();
-    let (cpu_ns, mem_usage, stat) = if v2 {
-        let dir = root.join(relative);
-        let cpu = keyed(&dir.join("cpu.stat"))
-            .get("usage_usec")
-            .map(|u| u * 1000);
-        (
-            cpu,
-            number(&dir.join("memory.current")),
-            keyed(&dir.join("memory.stat")),
-        )
-    } else {
-        let cpu_dir = ["cpu,cpuacct", "cpuacct"]
-            .iter()
-            .map(|c| root.join(c).join(relative))
-            .find(|d| d.exists())
-            .unwrap_or_else(|| PathBuf::from("/nonexistent"));
-        let mem_dir = root.join("memory").join(relative);
-        (
-            number(&cpu_dir.join("cpuacct.usage")),
-            number(&mem_dir.join("memory.usage_in_bytes")),
-            keyed(&mem_dir.join("memory.stat")),
-        )
-    };
-    let cpu = cpu_ns.map(|ns| cri::CpuUsage {
+    let cpu = cgroup.cpu().map(|cpu| cri::CpuUsage {
         timestamp,
-        usage_core_nano_seconds: value(ns),
+        usage_core_nano_seconds: value(cpu.usage_ns),
         usage_nano_cores: None,
     });
-    let memory = mem_usage.map(|usage| {
-        let inactive = stat
-            .get(if v2 {
-                "inactive_file"
-            } else {
-                "total_inactive_file"
-            })
-            .copied()
-            .unwrap_or(0);
-        cri::MemoryUsage {
-            timestamp,
-            working_set_bytes: value(usage.saturating_sub(inactive)),
-            available_bytes: None,
-            usage_bytes: value(usage),
-            rss_bytes: stat
-                .get(if v2 { "anon" } else { "total_rss" })
-                .copied()
-                .and_then(value),
-            page_faults: stat
-                .get(if v2 { "pgfault" } else { "total_pgfault" })
-                .copied()
-                .and_then(value),
-            major_page_faults: stat
-                .get(if v2 { "pgmajfault" } else { "total_pgmajfault" })
-                .copied()
-                .and_then(value),
-        }
+    let memory = cgroup.memory().map(|m| cri::MemoryUsage {
+        timestamp,
+        working_set_bytes: value(m.working_set),
+        available_bytes: None,
+        usage_bytes: value(m.usage),
+        rss_bytes: m.rss.and_then(value),
+        page_faults: m.pgfault_hierarchy.and_then(value),
+        major_page_faults: m.pgmajfault_hierarchy.and_then(value),
     });
     (cpu, memory)
 }
@@ -172,6 +111,15 @@ pub fn sandbox(record: &SandboxRecord, containers: &[ContainerRecord]) -> cri::P
     } else {
         usage(&systemd_to_path(&parent))
     };
+    let running: Vec<&ContainerRecord> = containers
+        .iter()
+        .filter(|c| c.phase == Phase::Running)
+        .collect();
+    let process_count = running
+        .iter()
+        .filter_map(|c| cgroup_path(&c.bundle, &c.id))
+        .map(|path| Cgroup::new(Hierarchy::host(), &path).procs().len() as u64)
+        .sum();
     cri::PodSandboxStats {
         attributes: Some(cri::PodSandboxAttributes {
             id: record.id.clone(),
@@ -182,16 +130,35 @@ pub fn sandbox(record: &SandboxRecord, containers: &[ContainerRecord]) -> cri::P
         linux: Some(cri::LinuxPodSandboxStats {
             cpu,
             memory,
-            network: None,
-            process: None,
-            containers: containers
-                .iter()
-                .filter(|c| c.phase == Phase::Running)
-                .map(container)
-                .collect(),
+            network: network(record),
+            process: Some(cri::ProcessUsage {
+                timestamp: now_ns(),
+                process_count: value(process_count),
+            }),
+            containers: running.iter().map(|c| container(c)).collect(),
         }),
         windows: None,
     }
+}
+
+/// The pod's links; the first that is not loopback is the default one.
+fn network(record: &SandboxRecord) -> Option<cri::NetworkUsage> {
+    let interfaces: Vec<cri::NetworkInterfaceUsage> = metrics::pod_links(record)
+        .into_iter()
+        .filter(|l| l.name != "lo")
+        .map(|l| cri::NetworkInterfaceUsage {
+            name: l.name,
+            rx_bytes: value(l.rx_bytes),
+            rx_errors: value(l.rx_errors),
+            tx_bytes: value(l.tx_bytes),
+            tx_errors: value(l.tx_errors),
+        })
+        .collect();
+    Some(cri::NetworkUsage {
+        timestamp: now_ns(),
+        default_interface: Some(interfaces.first()?.clone()),
+        interfaces,
+    })
 }
 
 #[cfg(test)]
@@ -206,15 +173,5 @@ mod tests {
             "kubepods.slice/kubepods-burstable.slice/bosun-abc.scope"
         );
         assert_eq!(systemd_to_path("/kubepods/pod1/abc"), "kubepods/pod1/abc");
-    }
-
-    #[test]
-    fn keyed_files_parse() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("memory.stat");
-        fs::write(&file, "total_inactive_file 4096\ntotal_rss 8192\nbad\n").unwrap();
-        let map = keyed(&file);
-        assert_eq!(map["total_inactive_file"], 4096);
-        assert_eq!(map.len(), 2);
     }
 }
