@@ -199,16 +199,21 @@ pub struct LinkCounters {
 impl Rtnl {
     /// The counters of every link in the socket's namespace.
     pub fn link_counters(&mut self) -> Result<Vec<LinkCounters>, NetError> {
+        self.dump_links("list link counters", counters_from)
+    }
+
+    /// Dumps every link, each seen through `view`.
+    fn dump_links<T>(&mut self, op: &str, view: fn(&LinkMessage) -> T) -> Result<Vec<T>, NetError> {
         let replies = self
             .request(
                 RouteNetlinkMessage::GetLink(LinkMessage::default()),
                 NLM_F_DUMP,
             )
-            .map_err(|e| NetError::new("list link counters", e))?;
+            .map_err(|e| NetError::new(op, e))?;
         Ok(replies
             .iter()
             .filter_map(|reply| match reply {
-                RouteNetlinkMessage::NewLink(message) => Some(counters_from(message)),
+                RouteNetlinkMessage::NewLink(message) => Some(view(message)),
                 _ => None,
             })
             .collect())
@@ -357,19 +362,7 @@ impl Links for Rtnl {
     }
 
     fn links(&mut self) -> Result<Vec<Link>, NetError> {
-        let replies = self
-            .request(
-                RouteNetlinkMessage::GetLink(LinkMessage::default()),
-                NLM_F_DUMP,
-            )
-            .map_err(|e| NetError::new("list links", e))?;
-        Ok(replies
-            .iter()
-            .filter_map(|r| match r {
-                RouteNetlinkMessage::NewLink(m) => Some(link_from(m)),
-                _ => None,
-            })
-            .collect())
+        self.dump_links("list links", link_from)
     }
 
     fn create_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<bool, NetError> {

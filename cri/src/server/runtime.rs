@@ -1469,6 +1469,7 @@ impl RuntimeService for Runtime {
         &self,
         request: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        self.reconcile();
         let filter = request.into_inner().filter.unwrap_or_default();
         let sandboxes = self.ready_sandboxes(|s| {
             (filter.id.is_empty() || s.id.starts_with(&filter.id))
