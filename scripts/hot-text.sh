@@ -41,11 +41,22 @@ cleanup() {
 }
 trap cleanup EXIT
 
-target_dir=$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-echo "==> building bosun-runc (release) with a linker map"
-BOSUN_LINK_MAP=$work/map.txt cargo build --release --locked -p bosun-runtime --bin bosun-runc
-bin=$target_dir/x86_64-unknown-linux-gnu/release/bosun-runc
+echo "==> building bosun-runc (release)"
+# runtime/build.rs has the linker write its map into the build script's
+# OUT_DIR; cargo's messages say where that is, and where the binary is. A
+# fresh link makes sure that binary and map belong together (`cargo bench`
+# builds its own bosun-runc to the same path).
+touch runtime/build.rs
+cargo build --release --locked -p bosun-runtime --bin bosun-runc \
+  --message-format=json-render-diagnostics >"$work/build.json"
+read -r bin out_dir < <(python3 scripts/hot-text/order.py artifacts "$work/build.json")
+map=$out_dir/bosun-runc.map
+if [ ! -f "$map" ] || [ ! -x "$bin" ]; then
+  echo "hot-text: no linker map at $map" >&2
+  exit 1
+fi
+cp "$map" "$work/map.txt"
+target_dir=${bin%/x86_64-unknown-linux-gnu/release/bosun-runc}
 
 gcc -O2 -Wall -o "$work/first-hit" scripts/hot-text/first-hit.c
 python3 scripts/hot-text/order.py addrs "$work/map.txt" "$work/addrs"
@@ -89,15 +100,18 @@ wait_status() {
 }
 
 echo "==> tracing create, start, delete"
-# The container's init stays traced by the create's tracer until it execs
-# the user process, which `start` releases.
+# As under `cargo bench`, which sets LD_LIBRARY_PATH (static glibc's start-up
+# parses it). The container's init stays traced by the create's tracer until
+# it execs the user process, which `start` releases; that tracer then reaps
+# it, as the benchmark does, before `delete`.
+export LD_LIBRARY_PATH=$target_dir/release/deps
 trace bench-create create --bundle "$work/true" hot-bench &
 create_tracer=$!
 wait_status hot-bench created
 trace bench-start start hot-bench
 wait "$create_tracer"
-wait_status hot-bench stopped
 trace bench-delete delete hot-bench
+unset LD_LIBRARY_PATH
 
 echo "==> tracing state, exec, kill, features"
 "$bin" --root "$root" create --bundle "$work/sleep" hot-other

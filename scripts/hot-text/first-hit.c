@@ -8,7 +8,10 @@
  * A breakpoint (int3) goes on each in every process image of PROGRAM; the
  * first hit in a process appends "PID COMM ADDR" to OUT and restores the
  * original byte, so each function costs one stop per process. A process that
- * execs another program (the container's user process) is let go.
+ * execs another program (the container's user process) is let go. Like the
+ * lifecycle benchmark, first-hit is a child subreaper: orphans (the
+ * container's process) are reaped as soon as they exit, and first-hit
+ * returns, with PROGRAM's exit status, once every one of them is gone.
  *
  * Analysis only: ptrace with breakpoints on a few thousand functions slows
  * the traced command down, and never runs outside scripts/hot-text.sh.
@@ -22,6 +25,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/types.h>
 #include <sys/user.h>
@@ -157,6 +161,7 @@ int main(int argc, char **argv) {
   out = fopen(argv[2], "a");
   if (!bias || !seen_pid || !out) die("setup");
 
+  if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) die("PR_SET_CHILD_SUBREAPER");
   pid_t child = fork();
   if (child < 0) die("fork");
   if (child == 0) {
