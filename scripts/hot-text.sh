@@ -48,10 +48,11 @@ echo "==> building bosun-runc (release)"
 # builds its own bosun-runc to the same path).
 touch runtime/build.rs
 cargo build --release --locked -p bosun-runtime --bin bosun-runc \
+  -p bosun-testsupport --bin bosun-testimage \
   --message-format=json-render-diagnostics >"$work/build.json"
-read -r bin out_dir < <(python3 scripts/hot-text/order.py artifacts "$work/build.json")
+read -r bin testimage out_dir < <(python3 scripts/hot-text/order.py artifacts "$work/build.json")
 map=$out_dir/bosun-runc.map
-if [ ! -f "$map" ] || [ ! -x "$bin" ]; then
+if [ ! -f "$map" ] || [ ! -x "$bin" ] || [ ! -x "$testimage" ]; then
   echo "hot-text: no linker map at $map" >&2
   exit 1
 fi
@@ -61,25 +62,10 @@ target_dir=${bin%/x86_64-unknown-linux-gnu/release/bosun-runc}
 gcc -O2 -Wall -o "$work/first-hit" scripts/hot-text/first-hit.c
 python3 scripts/hot-text/order.py addrs "$work/map.txt" "$work/addrs"
 
-# Two bundles on a static busybox: /bin/true (the benchmark's) and a sleeper.
-make_bundle() {
-  local dir=$1
-  shift
-  mkdir -p "$dir/rootfs/bin"
-  cp /bin/busybox "$dir/rootfs/bin/busybox"
-  for tool in true sh sleep; do ln -s busybox "$dir/rootfs/bin/$tool"; done
-  (cd "$dir" && "$bin" spec)
-  python3 - "$dir/config.json" "$@" <<'EOF'
-import json, sys
-path, args = sys.argv[1], sys.argv[2:]
-spec = json.load(open(path))
-spec["process"]["terminal"] = False
-spec["process"]["args"] = args
-json.dump(spec, open(path, "w"), indent=2)
-EOF
-}
-make_bundle "$work/true" /bin/true
-make_bundle "$work/sleep" /bin/sleep 60
+# The test suite's (and the benchmark's) busybox bundle running /bin/true,
+# and one with a sleeper for the other commands.
+"$testimage" bundle "$work/true" -- /bin/true
+"$testimage" bundle "$work/sleep" -- sleep 60
 
 mkdir -p "$work/traces" "$root"
 trace() {

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Hot-text ordering for bosun-runc, from an lld map and first-hit traces.
 
-    order.py artifacts BUILD.JSON   bosun-runc's path and build-script OUT_DIR
+    order.py artifacts BUILD.JSON   paths of the binaries and of the map's directory
     order.py addrs MAP OUT          function entry points, for first-hit
     order.py script MAP TRACES OUT  write the linker script (runtime/hot-text.ld)
     order.py check MAP TRACES       executed code outside .text.hot, per command
@@ -207,16 +207,16 @@ def check(map_path, traces):
 
 
 def artifacts(path):
-    exe = out_dir = None
+    """bosun-runc, bosun-testimage and bosun-runtime's build-script OUT_DIR."""
+    found = {}
     for line in open(path):
         msg = json.loads(line)
-        if "/runtime#bosun-runtime@" not in msg.get("package_id", ""):
-            continue
-        if msg.get("reason") == "build-script-executed":
-            out_dir = msg["out_dir"]
-        if msg.get("reason") == "compiler-artifact" and msg.get("executable"):
-            exe = msg["executable"]
-    print(exe, out_dir)
+        reason, exe = msg.get("reason"), msg.get("executable")
+        if reason == "build-script-executed" and "#bosun-runtime@" in msg["package_id"]:
+            found["out_dir"] = msg["out_dir"]
+        if reason == "compiler-artifact" and exe:
+            found[os.path.basename(exe)] = exe
+    print(found.get("bosun-runc"), found.get("bosun-testimage"), found.get("out_dir"))
 
 
 def main():
