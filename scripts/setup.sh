@@ -21,8 +21,8 @@ packages=(
   docker-registry apache2-utils openssl
   # CNI reference plugins (podman's CNI backend and chaining tests)
   containernetworking-plugins
-  # benchmarks
-  time
+  # benchmarks; python3 for scripts/hot-text.sh (bosun-runc's text layout)
+  time python3
   # VM tests: a Debian kernel booted under QEMU (TCG) with a busybox initramfs
   qemu-system-x86 linux-image-amd64 cpio
 )

@@ -1,9 +1,10 @@
 //! runc's command line. Flag names, short forms and defaults follow runc 1.1 so
 //! containerd's shim, podman/conmon and scripts written for runc work unchanged.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, FromArgMatches, Parser, Subcommand};
 
 use crate::resources::UpdateFlags;
 
@@ -254,6 +255,96 @@ pub struct SpecArgs {
     pub rootless: bool,
 }
 
+impl Cli {
+    /// [`Cli::parse`], building clap's parser for the invoked subcommand only
+    /// when the command line is a plain, valid one (see [`Cli::parse_lean`]).
+    pub fn parse_args() -> Cli {
+        let args: Vec<OsString> = std::env::args_os().collect();
+        match Cli::parse_lean(&args) {
+            Some(cli) => cli,
+            None => Cli::parse_from(args),
+        }
+    }
+
+    /// Parses `args` with a parser for the root flags and the one subcommand
+    /// named, instead of all fifteen: building every subcommand's arguments
+    /// (and a copy of the global flags for each) is most of the heap and a
+    /// good part of the code a short call like `start` touches. `None` for
+    /// anything but a plain valid command line (help, version, an unknown
+    /// flag before the subcommand, any parse error), which the full parser
+    /// then handles, so help and error output stay exactly clap's.
+    pub fn parse_lean(args: &[OsString]) -> Option<Cli> {
+        let name = invoked_subcommand(args)?;
+        let sub = subcommand(name)?;
+        let root = clap::Command::new("bosun-runc")
+            .subcommand_required(true)
+            .arg_required_else_help(true);
+        let root = Global::augment_args(root).subcommand(sub);
+        let matches = root.try_get_matches_from(args).ok()?;
+        Cli::from_arg_matches(&matches).ok()
+    }
+}
+
+/// The subcommand a command line invokes, if every flag before it is a
+/// known root flag and no help or version is asked for anywhere.
+fn invoked_subcommand(args: &[OsString]) -> Option<&str> {
+    let root = Global::augment_args(clap::Command::new("root"));
+    let mut name = None;
+    let mut rest = args.iter().skip(1);
+    while let Some(arg) = rest.next() {
+        let arg = arg.to_str()?;
+        if let Some(flag) = arg.strip_prefix("--") {
+            let (flag, inline_value) = match flag.split_once('=') {
+                Some((f, _)) => (f, true),
+                None => (flag, false),
+            };
+            let known = root.get_arguments().find(|a| a.get_long() == Some(flag))?;
+            if known.get_action().takes_values() && !inline_value {
+                rest.next()?;
+            }
+        } else if arg.starts_with('-') {
+            return None;
+        } else {
+            name = Some(arg);
+            break;
+        }
+    }
+    let asks_help = |a: &OsString| {
+        matches!(
+            a.to_str(),
+            Some("-h" | "--help" | "-V" | "--version" | "help")
+        )
+    };
+    if args.iter().skip(1).any(asks_help) {
+        return None;
+    }
+    name
+}
+
+/// One subcommand's parser, named and configured as `#[derive(Subcommand)]`
+/// makes it for [`Command`] (help text aside: help goes to the full parser).
+fn subcommand(name: &str) -> Option<clap::Command> {
+    let sub = |n: &'static str| clap::Command::new(n);
+    Some(match name {
+        "create" => CreateArgs::augment_args(sub("create")),
+        "start" => IdArg::augment_args(sub("start")),
+        "run" => RunArgs::augment_args(sub("run")),
+        "state" => IdArg::augment_args(sub("state")),
+        "kill" => KillArgs::augment_args(sub("kill")),
+        "delete" => DeleteArgs::augment_args(sub("delete")),
+        "exec" => ExecArgs::augment_args(sub("exec")),
+        "ps" => PsArgs::augment_args(sub("ps")),
+        "list" | "ls" => ListArgs::augment_args(sub("list").alias("ls")),
+        "pause" => IdArg::augment_args(sub("pause")),
+        "resume" => IdArg::augment_args(sub("resume")),
+        "events" => EventsArgs::augment_args(sub("events")),
+        "update" => UpdateArgs::augment_args(sub("update")),
+        "features" => sub("features"),
+        "spec" => SpecArgs::augment_args(sub("spec")),
+        _ => return None,
+    })
+}
+
 /// Parses a signal as runc's `kill` takes it: "9", "KILL", "SIGKILL", "kill".
 pub fn parse_signal(s: &str) -> Option<nix::sys::signal::Signal> {
     use std::str::FromStr;
@@ -372,6 +463,154 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn argv(args: &[&str]) -> Vec<OsString> {
+        std::iter::once("bosun-runc")
+            .chain(args.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    #[test]
+    fn lean_parser_agrees_with_the_full_one() {
+        let cases: &[&[&str]] = &[
+            // containerd's shim and podman/conmon, as they call runc
+            &[
+                "--root",
+                "/run/containerd/runc/k8s.io",
+                "--log",
+                "/b/log.json",
+                "--log-format",
+                "json",
+                "--systemd-cgroup",
+                "create",
+                "--bundle",
+                "/b",
+                "--pid-file",
+                "/b/init.pid",
+                "--console-socket",
+                "/s.sock",
+                "--no-new-keyring",
+                "--preserve-fds",
+                "2",
+                "c1",
+            ],
+            &[
+                "--root=/r",
+                "--log=/l",
+                "--debug",
+                "create",
+                "-b",
+                "/b",
+                "--no-pivot",
+                "c1",
+            ],
+            &["--root", "/r", "start", "c1"],
+            &["state", "--root", "/r", "c1"],
+            &["kill", "--all", "c1", "KILL"],
+            &["kill", "c1"],
+            &["delete", "--force", "c1"],
+            &["delete", "-f", "c1", "--log-format", "json"],
+            &[
+                "exec",
+                "--process",
+                "/p.json",
+                "--detach",
+                "--pid-file",
+                "/p",
+                "c1",
+            ],
+            &[
+                "exec", "-e", "A=1", "-t", "-u", "0:0", "-g", "10", "c1", "sh", "-c", "ls -h",
+            ],
+            &[
+                "exec", "--cap", "CAP_KILL", "--cwd", "/tmp", "c1", "ls", "--", "-x",
+            ],
+            &["ps", "--format", "json", "c1"],
+            &["ps", "c1", "-o", "pid"],
+            &["list", "-q"],
+            &["ls", "--format", "json"],
+            &["pause", "c1"],
+            &["resume", "c1"],
+            &["events", "--stats", "c1"],
+            &["events", "--interval", "1s", "c1"],
+            &["update", "--memory", "1048576", "--cpu-share", "512", "c1"],
+            &["update", "-r", "-", "c1"],
+            &["features"],
+            &["spec", "--bundle", "/b"],
+            &["--rootless", "true", "spec", "--rootless"],
+            &[
+                "--rootless=auto",
+                "run",
+                "-d",
+                "--keep",
+                "--bundle",
+                "/b",
+                "c1",
+            ],
+            &["--criu", "/usr/sbin/criu", "run", "c1"],
+        ];
+        for case in cases {
+            let args = argv(case);
+            let Some(lean) = Cli::parse_lean(&args) else {
+                panic!("lean parser declined {case:?}");
+            };
+            let full = match Cli::try_parse_from(&args) {
+                Ok(c) => c,
+                Err(e) => panic!("{case:?}: {e}"),
+            };
+            assert_eq!(format!("{lean:?}"), format!("{full:?}"), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn lean_parser_leaves_help_and_errors_to_clap() {
+        let cases: &[&[&str]] = &[
+            &[],
+            &["--help"],
+            &["-h"],
+            &["--version"],
+            &["create", "--help"],
+            &["help", "create"],
+            &["exec", "c1", "ls", "-h"],
+            &["frobnicate"],
+            &["--nope", "state", "c1"],
+            &["-x", "state", "c1"],
+            &["--root"],
+            &["state"],
+            &["kill", "c1", "KILL", "extra"],
+            &["create", "--bogus", "c1"],
+            &["--log-format", "yaml", "state", "c1"],
+        ];
+        for case in cases {
+            assert!(Cli::parse_lean(&argv(case)).is_none(), "{case:?}");
+        }
+    }
+
+    #[test]
+    fn lean_parser_has_every_subcommand_as_derived() {
+        let arg_list = |c: &clap::Command| -> Vec<String> {
+            c.get_arguments().map(|a| format!("{a:?}")).collect()
+        };
+        let full = Cli::command();
+        for sub in full.get_subcommands() {
+            for name in std::iter::once(sub.get_name()).chain(sub.get_all_aliases()) {
+                let Some(lean) = subcommand(name) else {
+                    panic!("lean parser lacks subcommand {name}");
+                };
+                assert_eq!(lean.get_name(), sub.get_name());
+                assert_eq!(arg_list(&lean), arg_list(sub), "arguments of {name}");
+                let aliases: Vec<&str> = lean.get_all_aliases().collect();
+                let want: Vec<&str> = sub.get_all_aliases().collect();
+                assert_eq!(aliases, want, "aliases of {name}");
+            }
+        }
+        assert_eq!(
+            full.get_subcommands().count(),
+            15,
+            "update subcommand() for a new subcommand"
+        );
     }
 
     #[test]

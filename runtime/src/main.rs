@@ -3,10 +3,9 @@
 use bosun_runtime::cli::{Cli, Command};
 use bosun_runtime::commands::{self, Ctx};
 use bosun_runtime::logging::{self, Format};
-use clap::Parser;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     // CVE-2019-5736: see exe_guard. Only commands that fork container
     // processes need it; the others never share namespaces with one.
     if matches!(
