@@ -192,11 +192,6 @@ impl<'a> Cgroup<'a> {
             .unwrap_or_default()
     }
 
-    /// Whether the cgroup is there (its memory directory, or the unified one).
-    pub fn exists(&self) -> bool {
-        self.dir("memory").is_some_and(|d| d.is_dir())
-    }
-
     /// PIDs of the processes in it.
     pub fn procs(&self) -> Vec<i32> {
         let controller = if self.v2() { "" } else { "pids" };
@@ -392,10 +387,6 @@ impl<'a> Cgroup<'a> {
             memory_reservation: bytes(self.number("memory", "memory.soft_limit_in_bytes")),
             pids: self.number("pids", "pids.max"),
         }
-    }
-
-    pub fn pids_current(&self) -> Option<u64> {
-        self.number("pids", "pids.current")
     }
 }
 
@@ -653,7 +644,6 @@ mod tests {
                 .collect(),
         );
         let cgroup = Cgroup::new(&hierarchy, "/pod/c");
-        assert!(cgroup.exists());
         assert_eq!(cgroup.procs(), vec![12, 13]);
         assert_eq!(
             cgroup.cpu().unwrap(),
@@ -779,7 +769,6 @@ mod tests {
     fn a_missing_cgroup_reads_as_none() {
         let hierarchy = Hierarchy::V2(PathBuf::from("/nonexistent"));
         let cgroup = Cgroup::new(&hierarchy, "gone");
-        assert!(!cgroup.exists());
         assert_eq!(cgroup.cpu(), None);
         assert_eq!(cgroup.memory(), None);
         assert!(cgroup.io().is_empty() && cgroup.procs().is_empty());

@@ -28,7 +28,7 @@ const NS_PER_S: u64 = 1_000_000_000;
 const US_PER_S: u64 = 1_000_000;
 
 /// One metric family: its descriptor and type.
-pub struct Family {
+struct Family {
     name: &'static str,
     help: &'static str,
     /// Labels after [`BASE_LABELS`].
@@ -493,7 +493,7 @@ impl Emitter {
 /// The writable layer's filesystem: what the container uses of it and
 /// what the filesystem holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filesystem {
+struct Filesystem {
     pub usage_bytes: u64,
     pub limit_bytes: u64,
     pub inodes_total: u64,
@@ -502,7 +502,7 @@ pub struct Filesystem {
 
 /// Everything read for one container, at one moment.
 #[derive(Debug, Clone, Default)]
-pub struct Sample {
+struct Sample {
     pub cpu: Option<Cpu>,
     pub memory: Option<Memory>,
     /// Devices with their names (`sda`, or `major:minor` when unnamed).
