@@ -669,10 +669,19 @@ pub fn pod_links(sandbox: &SandboxRecord) -> Vec<LinkCounters> {
 
 /// Reads a running container's sample.
 fn sample(record: &ContainerRecord, now: u64) -> Sample {
-    let hierarchy = Hierarchy::host();
-    let path = stats::cgroup_path(&record.bundle, &record.id).unwrap_or_default();
-    let cgroup = Cgroup::new(hierarchy, &path);
-    let io = cgroup
+    let mut sample = Sample {
+        filesystem: filesystem(&record.layer_dir),
+        started_at: u64::try_from(record.started_at).unwrap_or(0) / NS_PER_S,
+        now,
+        ..Default::default()
+    };
+    // Without its bundle's config the cgroup is unknown: no counters,
+    // rather than the root cgroup's.
+    let Some(path) = stats::cgroup_path(&record.bundle, &record.id) else {
+        return sample;
+    };
+    let cgroup = Cgroup::new(Hierarchy::host(), &path);
+    sample.io = cgroup
         .io()
         .into_iter()
         .map(|d| {
@@ -681,18 +690,13 @@ fn sample(record: &ContainerRecord, now: u64) -> Sample {
             (name, d)
         })
         .collect();
-    Sample {
-        cpu: cgroup.cpu(),
-        memory: cgroup.memory(),
-        io,
-        hugetlb: cgroup.hugetlb(),
-        pressure: cgroup.pressure(),
-        limits: cgroup.limits(),
-        processes: counters::processes(&cgroup.procs()),
-        filesystem: filesystem(&record.layer_dir),
-        started_at: u64::try_from(record.started_at).unwrap_or(0) / NS_PER_S,
-        now,
-    }
+    sample.cpu = cgroup.cpu();
+    sample.memory = cgroup.memory();
+    sample.hugetlb = cgroup.hugetlb();
+    sample.pressure = cgroup.pressure();
+    sample.limits = cgroup.limits();
+    sample.processes = counters::processes(&cgroup.procs());
+    sample
 }
 
 fn filesystem(layer_dir: &Path) -> Option<Filesystem> {
