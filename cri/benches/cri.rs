@@ -75,13 +75,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bosun_testsupport::host;
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use serde_json::Value;
 use sha2::{Digest as _, Sha256};
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 const MAX_FAILURES: usize = 3;
 const RPC_TIMEOUT: Duration = Duration::from_secs(60);
@@ -334,17 +333,7 @@ async fn timed<T>(
 }
 
 async fn channel(socket: &Path) -> Result<Channel> {
-    let socket = socket.to_owned();
-    Ok(Endpoint::try_from("http://[::]:50051")?
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await?)
+    Ok(bosun_cri::client::connect(socket).await?)
 }
 
 /// What the bench asks both daemons, built the same way for each.

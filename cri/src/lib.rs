@@ -5,8 +5,10 @@
 //! - [`sandbox`]: a pod's pinned namespaces, files and CNI attachment;
 //! - [`spec`]: the OCI runtime spec of a CRI container;
 //! - [`monitor`]: the per-container monitor that owns stdio and logs;
-//! - [`server`]: the `bosun-cri` daemon serving CRI v1 over gRPC.
+//! - [`server`]: the `bosun-cri` daemon serving CRI v1 over gRPC;
+//! - [`client`]: a channel to a CRI socket, for clients.
 
+pub mod client;
 pub mod image;
 pub mod monitor;
 pub mod sandbox;

@@ -424,14 +424,7 @@ async fn exec_streams_over_websocket() -> Result<()> {
     let mut rt = RuntimeServiceClient::new(daemon.channel().await?);
     let logs = daemon.dir.path().join("pod-logs");
     let sandbox_config = pod_config("shell", &logs);
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&mut rt, &sandbox_config).await?;
     let id = rt
         .create_container(cri::CreateContainerRequest {
             pod_sandbox_id: pod.clone(),
@@ -630,14 +623,7 @@ async fn exec_attach_and_port_forward_over_spdy() -> Result<()> {
     let mut rt = RuntimeServiceClient::new(daemon.channel().await?);
     let logs = daemon.dir.path().join("pod-logs");
     let sandbox_config = pod_config("spdy", &logs);
-    let pod = rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(sandbox_config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id;
+    let pod = run_pod(&mut rt, &sandbox_config).await?;
     let mut shell = container_config("shell", "");
     shell.command = vec!["sh".into()];
     shell.stdin = true;

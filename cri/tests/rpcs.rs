@@ -65,17 +65,6 @@ fn refused<T: std::fmt::Debug>(
     Ok(())
 }
 
-async fn run_pod(rt: &mut Rt, config: &cri::PodSandboxConfig) -> Result<String> {
-    Ok(rt
-        .run_pod_sandbox(cri::RunPodSandboxRequest {
-            config: Some(config.clone()),
-            runtime_handler: String::new(),
-        })
-        .await?
-        .into_inner()
-        .pod_sandbox_id)
-}
-
 async fn create(
     rt: &mut Rt,
     pod: &str,

@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use bosun_testsupport::host;
-use hyper_util::rt::TokioIo;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use super::bins;
 
@@ -211,17 +210,7 @@ root = "{root}/state/runtime/runc"
     }
 
     pub async fn channel(&self) -> Result<Channel> {
-        let socket = self.socket();
-        Ok(Endpoint::try_from("http://[::]:50051")?
-            .connect_with_connector(tower::service_fn(move |_: Uri| {
-                let socket = socket.clone();
-                async move {
-                    Ok::<_, std::io::Error>(TokioIo::new(
-                        tokio::net::UnixStream::connect(socket).await?,
-                    ))
-                }
-            }))
-            .await?)
+        Ok(bosun_cri::client::connect(&self.socket()).await?)
     }
 }
 
@@ -325,6 +314,21 @@ pub fn container_config(name: &str, script: &str) -> cri::ContainerConfig {
         }),
         ..Default::default()
     }
+}
+
+/// RunPodSandbox with the default handler; the sandbox ID.
+pub async fn run_pod(
+    rt: &mut RuntimeServiceClient<Channel>,
+    config: &cri::PodSandboxConfig,
+) -> Result<String> {
+    Ok(rt
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await?
+        .into_inner()
+        .pod_sandbox_id)
 }
 
 pub async fn wait_state(
