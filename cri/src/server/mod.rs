@@ -45,25 +45,37 @@ fn setup(what: impl std::fmt::Display) -> ServeError {
 }
 
 /// Binds the socket: root-only, replacing a stale one from a previous run.
+/// It is made under a temporary name and renamed into place once listening
+/// and chmod'ed, so a client that waits for the path to appear never meets
+/// a socket that refuses connections or has the wrong mode.
 fn bind(path: &Path) -> Result<UnixListener, ServeError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)
             .map_err(|e| setup(format!("create {}: {e}", dir.display())))?;
     }
-    match std::fs::remove_file(path) {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let temp = path.with_file_name(format!(".{name}.binding"));
+    match std::fs::remove_file(&temp) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => {
             return Err(setup(format!(
                 "remove stale socket {}: {e}",
-                path.display()
+                temp.display()
             )))
         }
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| setup(format!("listen on {}: {e}", path.display())))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|e| setup(format!("chmod {}: {e}", path.display())))?;
+    let listener = UnixListener::bind(&temp)
+        .map_err(|e| setup(format!("listen on {}: {e}", temp.display())))?;
+    std::fs::set_permissions(&temp, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| setup(format!("chmod {}: {e}", temp.display())))?;
+    std::fs::rename(&temp, path).map_err(|e| {
+        setup(format!(
+            "move socket {} to {}: {e}",
+            temp.display(),
+            path.display()
+        ))
+    })?;
     Ok(listener)
 }
 
